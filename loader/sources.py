@@ -1,0 +1,355 @@
+"""Where weights come from: a local path or any fsspec URL (s3://, gs://, az://, http(s)://), read in ranges.
+
+`open_source` resolves a URI into a `Source`: the files of the model (one .safetensors file, or an HF-style
+directory) with their sizes and identities, and a way to read any byte range of them. Object-store credentials and
+endpoints come from each library's standard environment/config (for S3: AWS_* variables, ~/.aws, instance roles;
+`AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` for S3-compatible stores) and are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import json
+import os
+import posixpath
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import fsspec
+
+from loader.errors import AccessDenied, LoaderError, SourceNotFound, TransientError, UsageError
+
+# Files a model directory may carry besides its weights; anything larger than this is not "small".
+MAX_AUX_FILE_BYTES = 64 << 20
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Weight formats we do not stage (they are neither safetensors nor small config files).
+SKIPPED_SUFFIXES = (*PICKLE_SUFFIXES, ".h5", ".msgpack", ".onnx", ".gguf", ".ot", ".tflite", ".npz")
+INDEX_FILE = "model.safetensors.index.json"
+# What an HTTP "directory" is probed for when the server offers no listing.
+HTTP_PROBE_FILES = (
+    INDEX_FILE,
+    "model.safetensors",
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/config.json",
+    "warmpod.json",
+)
+# Keys of fsspec's `info()` that change when an object's content changes, per backend.
+IDENTITY_KEYS = ("ETag", "etag", "VersionId", "generation", "md5Hash", "mtime", "LastModified", "last_modified")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file of a model: `rel` is its path inside the model directory, `path` what the filesystem calls it."""
+
+    rel: str
+    path: str
+    size: int
+    identity: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_safetensors(self) -> bool:
+        return self.rel.endswith(".safetensors")
+
+
+def redact(uri: str) -> str:
+    """A URI fit for logs and manifests: user info and query strings (presigned credentials) removed."""
+    parts = urlsplit(uri)
+    if not parts.scheme or len(parts.scheme) == 1:
+        return uri
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def file_identity(info: dict[str, Any]) -> dict[str, str]:
+    ident = {"size": str(int(info.get("size") or 0))}
+    for key in IDENTITY_KEYS:
+        if info.get(key) is not None:
+            ident[key] = str(info[key])
+    return ident
+
+
+def identity_digest(files: Iterable[SourceFile]) -> str:
+    """A digest of what the source holds now: the same files with the same identities give the same digest."""
+    canon = json.dumps(sorted((f.rel, f.identity) for f in files), sort_keys=True).encode()
+    return hashlib.sha256(canon).hexdigest()
+
+
+def select_files(entries: dict[str, dict[str, Any]], uri: str) -> list[str]:
+    """Choose the files to stage from a listing {relative path: info}: safetensors plus small companions.
+
+    Pure: decides only from names and sizes. Raises when nothing loadable is there.
+    """
+    weights = sorted(rel for rel in entries if rel.endswith(".safetensors"))
+    if not weights:
+        pickles = sorted(rel for rel in entries if rel.endswith(PICKLE_SUFFIXES))
+        if pickles:
+            raise UsageError(
+                f"{uri}: only pickle checkpoints found ({', '.join(pickles[:3])}); warmpod never unpickles weights. "
+                "Convert them to safetensors first (e.g. safetensors.torch.save_file(torch.load(f), "
+                "'model.safetensors') in a trusted environment) and point the loader at the result"
+            )
+        raise SourceNotFound(f"{uri}: no .safetensors files found")
+    aux = sorted(
+        rel
+        for rel, info in entries.items()
+        if not rel.endswith((".safetensors", *SKIPPED_SUFFIXES))
+        and not posixpath.basename(rel).startswith(".")
+        and int(info.get("size") or 0) <= MAX_AUX_FILE_BYTES
+    )
+    return weights + aux
+
+
+class Source:
+    """A model's files on some filesystem, readable by byte range. Use `open_source`; close with `aclose`."""
+
+    def __init__(self, uri: str, fs: Any, files: list[SourceFile]) -> None:
+        self.uri = uri
+        self.fs = fs
+        self.files = files
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in _protocols(self.fs)
+
+    @property
+    def digest(self) -> str:
+        return identity_digest(self.files)
+
+    async def read_range(self, f: SourceFile, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of `f`; raises SourceNotFound/AccessDenied/TransientError."""
+        if length == 0:
+            return b""
+        try:
+            if self.is_local:
+                data = await asyncio.to_thread(_pread_all, f.path, offset, length)
+            elif self.fs.async_impl:
+                data = await self.fs._cat_file(f.path, start=offset, end=offset + length)
+            else:
+                data = await asyncio.to_thread(self.fs.cat_file, f.path, start=offset, end=offset + length)
+        except Exception as e:
+            raise classify(e, f"{redact(self.uri)}: {f.rel}") from e
+        if len(data) > length:
+            raise LoaderError(
+                f"{redact(self.uri)}: {f.rel}: asked for {length} bytes at offset {offset}, got {len(data)}: "
+                "the server ignores HTTP Range requests; use a server that supports them"
+            )
+        if len(data) < length:
+            raise TransientError(
+                f"{redact(self.uri)}: {f.rel}: short read: {len(data)} of {length} bytes at offset {offset}"
+            )
+        return bytes(data)
+
+    async def refresh(self) -> list[SourceFile]:
+        """The same files' current sizes and identities (to detect a source that changed mid-load)."""
+        _invalidate(self.fs)
+        out = []
+        for f in self.files:
+            try:
+                info = await self._info(f.path)
+            except Exception as e:
+                raise classify(e, f"{redact(self.uri)}: {f.rel}") from e
+            out.append(SourceFile(f.rel, f.path, int(info.get("size") or 0), file_identity(info)))
+        return out
+
+    async def _info(self, path: str) -> dict[str, Any]:
+        if self.fs.async_impl:
+            return dict(await self.fs._info(path))
+        return dict(await asyncio.to_thread(self.fs.info, path))
+
+    async def aclose(self) -> None:
+        session = getattr(self.fs, "_session", None)  # fsspec's HTTP filesystem
+        if session is not None and not session.closed:
+            await session.close()
+        s3 = getattr(self.fs, "_s3", None)  # s3fs
+        if s3 is not None:
+            await s3.__aexit__(None, None, None)
+            self.fs._s3 = None
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def _invalidate(fs: Any) -> None:
+    try:
+        fs.invalidate_cache()
+    except Exception:  # noqa: S110 - a filesystem without a cache has nothing to invalidate
+        pass
+
+
+def _pread_all(path: str, offset: int, length: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+def storage_options(protocol: str, concurrency: int) -> dict[str, Any]:
+    """Per-backend options: our own retry loop is the only one (no nested retry storms), pools fit concurrency."""
+    if protocol in ("s3", "s3a"):
+        opts: dict[str, Any] = {
+            "retries": 1,
+            "config_kwargs": {
+                "retries": {"total_max_attempts": 1, "mode": "standard"},
+                "max_pool_connections": max(10, concurrency * 2),
+                "connect_timeout": 10,
+                "read_timeout": 60,
+            },
+        }
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+        return opts
+    if protocol in ("http", "https"):
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)}}
+    return {}
+
+
+async def open_source(uri: str, concurrency: int = 8) -> Source:
+    """Resolve `uri` to the files to stage. Raises SourceNotFound, AccessDenied, UsageError, TransientError."""
+    protocol = fsspec.core.split_protocol(uri)[0] or "file"
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as e:
+        raise UsageError(f"{redact(uri)}: no filesystem for {protocol}:// ({e})") from None
+    opts = storage_options(protocol, concurrency)
+    if cls.async_impl:
+        opts["asynchronous"] = True
+    fs = cls(skip_instance_cache=True, **opts)
+    if cls.async_impl and hasattr(fs, "set_session"):
+        await fs.set_session()
+    path = fs._strip_protocol(uri)
+    source = Source(uri, fs, [])
+    try:
+        source.files = await _list_files(source, path)
+    except BaseException:
+        await source.aclose()
+        raise
+    return source
+
+
+async def _list_files(source: Source, path: str) -> list[SourceFile]:
+    fs, uri = source.fs, redact(source.uri)
+    try:
+        info = await source._info(path)
+    except FileNotFoundError:
+        info = None  # an HTTP "directory" often has no page of its own
+    except Exception as e:
+        raise classify(e, uri) from e
+    if info is not None and info.get("type") == "file":
+        if not path.endswith(".safetensors"):
+            select_files({posixpath.basename(path): info}, uri)  # raises the right error for a lone pickle
+            raise UsageError(f"{uri}: a single-file source must be a .safetensors file")
+        return [SourceFile(posixpath.basename(path), path, int(info["size"]), file_identity(info))]
+
+    entries = await _listing(source, path, info is not None)
+    if INDEX_FILE in entries:
+        await _check_index(source, path, entries)
+    chosen = select_files(entries, uri)
+    return [
+        SourceFile(rel, _join(fs, path, rel), int(entries[rel]["size"]), file_identity(entries[rel])) for rel in chosen
+    ]
+
+
+def _join(fs: Any, root: str, rel: str) -> str:
+    return root.rstrip("/") + "/" + rel
+
+
+async def _listing(source: Source, path: str, exists: bool) -> dict[str, dict[str, Any]]:
+    fs, uri = source.fs, redact(source.uri)
+    entries: dict[str, dict[str, Any]] = {}
+    is_http = bool({"http", "https"} & set(_protocols(fs)))
+    if exists:
+        try:
+            found = await fs._find(path, detail=True) if fs.async_impl else await asyncio.to_thread(
+                fs.find, path, detail=True
+            )
+        except FileNotFoundError:
+            found = {}
+        except Exception as e:
+            if not is_http:
+                raise classify(e, uri) from e
+            found = {}
+        prefix = path.rstrip("/") + "/"
+        for name, info in found.items():
+            if info.get("type", "file") == "file" and name.startswith(prefix):
+                entries[name[len(prefix) :]] = info
+    if not entries and is_http:
+        for rel in HTTP_PROBE_FILES:
+            try:
+                entries[rel] = await source._info(_join(fs, path, rel))
+            except FileNotFoundError:
+                continue
+            except Exception as e:
+                raise classify(e, f"{uri}/{rel}") from e
+    if not entries:
+        if not exists:
+            raise SourceNotFound(f"{uri}: not found")
+        raise SourceNotFound(f"{uri}: directory is empty")
+    return entries
+
+
+async def _check_index(source: Source, path: str, entries: dict[str, dict[str, Any]]) -> None:
+    """A sharded checkpoint's index must name shards that are there (HTTP sources learn their shards here)."""
+    uri = redact(source.uri)
+    index_path = _join(source.fs, path, INDEX_FILE)
+    try:
+        raw = await source.fs._cat_file(index_path) if source.fs.async_impl else source.fs.cat_file(index_path)
+        weight_map = json.loads(raw)["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LoaderError(f"{uri}: {INDEX_FILE} is not a valid index ({e})") from None
+    except Exception as e:
+        raise classify(e, f"{uri}/{INDEX_FILE}") from e
+    for shard in shards:
+        if shard in entries:
+            continue
+        try:
+            entries[shard] = await source._info(_join(source.fs, path, shard))
+        except FileNotFoundError:
+            raise SourceNotFound(f"{uri}: {INDEX_FILE} names shard {shard!r}, which is not found") from None
+        except Exception as e:
+            raise classify(e, f"{uri}/{shard}") from e
+
+
+# Errors from fsspec backends → ours. Anything not clearly permanent is worth a retry.
+_PERMANENT_HTTP = {400: "bad request", 401: "unauthorized", 403: "access denied", 404: "not found", 410: "gone"}
+
+
+def classify(exc: BaseException, where: str) -> LoaderError:
+    """Map a backend exception to a LoaderError; TransientError means "retry may help"."""
+    if isinstance(exc, LoaderError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return SourceNotFound(f"{where}: not found")
+    if isinstance(exc, PermissionError):
+        return AccessDenied(f"{where}: access denied (check credentials and permissions)")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        if exc.status in (401, 403):
+            return AccessDenied(f"{where}: access denied (HTTP {exc.status})")
+        if exc.status in (404, 410):
+            return SourceNotFound(f"{where}: not found (HTTP {exc.status})")
+        if exc.status in _PERMANENT_HTTP or exc.status == 416:
+            return LoaderError(f"{where}: HTTP {exc.status} {exc.message}")
+        return TransientError(f"{where}: HTTP {exc.status} {exc.message}")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EISDIR, errno.ENOTDIR):
+        return LoaderError(f"{where}: {exc}")
+    if isinstance(exc, (OSError, asyncio.TimeoutError, TimeoutError, aiohttp.ClientError, ConnectionError)):
+        return TransientError(f"{where}: {type(exc).__name__}: {exc}")
+    return LoaderError(f"{where}: {type(exc).__name__}: {exc}")

@@ -1,0 +1,346 @@
+"""The warmpod store: immutable model versions on shared memory, published atomically, read zero-copy.
+
+FORMAT (warmpod-store/1)
+========================
+
+A store is a directory ROOT (default /dev/shm/warmpod). For each model NAME:
+
+    ROOT/NAME/versions/N/         a published version; N is a decimal integer, increasing per model
+    ROOT/NAME/versions/N/manifest.json
+    ROOT/NAME/versions/N/<files>  the model's files at their source-relative paths
+    ROOT/NAME/current             symlink to "versions/N", the version readers use
+    ROOT/NAME/staging/            the loader's work area; readers MUST NOT look inside
+    ROOT/NAME/.lock               flock(2)ed exclusively by the one loader writing NAME
+
+Rules:
+1. NAME MUST match [A-Za-z0-9][A-Za-z0-9._-]{0,127} (no "/", no "..", not empty).
+2. A version directory MUST be complete before it appears under versions/: the loader builds it in staging/, writes
+   manifest.json last, and renames the directory into versions/ (rename is atomic on one filesystem).
+3. Published files MUST NOT change: they are mode 0444 and nobody writes them. Every *.safetensors file MUST pass
+   the safetensors header rules (see loader.header) and be byte-identical to its source.
+4. `current` MUST only be replaced by renaming a fresh symlink over it, and only to a complete version.
+5. manifest.json is a JSON object with: "format" ("warmpod-store/1"), "model", "version", "source" ({"uri": with
+   credentials removed, "identity": per-file identity (size, ETag/mtime/...), "digest": sha256 of that identity}),
+   "files" ([{"path", "size", "sha256" (hex or null when not computed), "kind": "safetensors"|"aux"}]),
+   "tensors" ({name: {"file", "dtype", "shape", "offsets": [begin, end] absolute in the file}}),
+   "loader_version", "created_at" (RFC 3339 UTC), "load_seconds".
+6. The loader keeps the newest K versions (default 2) plus `current`, and removes older ones. A reader that has
+   mapped a version keeps valid memory after removal (tmpfs frees pages only when the last mapping goes); a reader
+   opening a version MUST retry from `current` if a file vanished under it.
+7. Leftovers in staging/ belong to a crashed loader: the next loader reuses complete files of the same source
+   identity and deletes everything else there before writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import mmap
+import os
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loader.errors import StoreBusy, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT = "warmpod-store/1"
+DEFAULT_ROOT = Path("/dev/shm/warmpod")
+MANIFEST = "manifest.json"
+CURRENT = "current"
+VERSIONS = "versions"
+STAGING = "staging"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_model_name(name: str) -> str:
+    if not _NAME.match(name) or ".." in name:
+        raise UsageError(
+            f"invalid model name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (no '/', no '..')"
+        )
+    return name
+
+
+def model_dir(root: Path, name: str) -> Path:
+    return Path(root) / check_model_name(name)
+
+
+# ---------------------------------------------------------------- writer side (the loader)
+
+
+@contextlib.contextmanager
+def writer_lock(root: Path, name: str) -> Iterator[None]:
+    """Hold the model's single-writer lock; a second loader for the same model fails at once."""
+    mdir = model_dir(root, name)
+    mdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(mdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreBusy(f"another loader is writing model {name!r} in {root} (lock {mdir / '.lock'})") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def version_numbers(root: Path, name: str) -> list[int]:
+    vdir = model_dir(root, name) / VERSIONS
+    if not vdir.is_dir():
+        return []
+    return sorted(int(p.name) for p in vdir.iterdir() if p.name.isdigit())
+
+
+def current_version(root: Path, name: str) -> str | None:
+    """The version `current` points to, or None when nothing is published."""
+    try:
+        target = os.readlink(model_dir(root, name) / CURRENT)
+    except FileNotFoundError:
+        return None
+    return Path(target).name
+
+
+def read_manifest(root: Path, name: str, version: str) -> dict[str, Any]:
+    with open(model_dir(root, name) / VERSIONS / version / MANIFEST, encoding="utf-8") as f:
+        data: dict[str, Any] = json.load(f)
+    return data
+
+
+def find_version(root: Path, name: str, digest: str) -> str | None:
+    """The newest published version staged from a source with this identity digest."""
+    for n in reversed(version_numbers(root, name)):
+        try:
+            if read_manifest(root, name, str(n))["source"]["digest"] == digest:
+                return str(n)
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
+def staging_dir(root: Path, name: str, digest: str) -> Path:
+    """Where a load of the source with this identity digest builds its version."""
+    return model_dir(root, name) / STAGING / digest[:32]
+
+
+def clean_staging(root: Path, name: str, keep: Path | None = None) -> list[Path]:
+    """Delete staging leftovers except `keep` (a same-identity load that can be resumed). Returns what was removed."""
+    sdir = model_dir(root, name) / STAGING
+    removed = []
+    if sdir.is_dir():
+        for p in sdir.iterdir():
+            if keep is None or p != keep:
+                _remove(p)
+                removed.append(p)
+    return removed
+
+
+def publish_version(root: Path, name: str, staged: Path, manifest: dict[str, Any]) -> str:
+    """Turn a complete, validated staging directory into the next version and point `current` at it."""
+    mdir = model_dir(root, name)
+    numbers = version_numbers(root, name)
+    version = str((numbers[-1] if numbers else 0) + 1)
+    manifest = {**manifest, "format": FORMAT, "model": name, "version": version}
+    for path in staged.rglob("*"):
+        if path.is_file():
+            path.chmod(0o444)
+    tmp = staged / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
+    tmp.chmod(0o444)
+    tmp.rename(staged / MANIFEST)
+    (mdir / VERSIONS).mkdir(exist_ok=True)
+    staged.rename(mdir / VERSIONS / version)
+    point_current(root, name, version)
+    return version
+
+
+def point_current(root: Path, name: str, version: str) -> None:
+    mdir = model_dir(root, name)
+    tmp = mdir / f".{CURRENT}.{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    tmp.symlink_to(f"{VERSIONS}/{version}")
+    tmp.rename(mdir / CURRENT)
+    _fsync_dir(mdir)
+
+
+def gc_versions(root: Path, name: str, keep: int) -> list[str]:
+    """Remove all but the newest `keep` versions (never `current`). Returns the removed versions."""
+    cur = current_version(root, name)
+    numbers = version_numbers(root, name)
+    doomed = [str(n) for n in numbers[: max(0, len(numbers) - keep)] if str(n) != cur]
+    for v in doomed:
+        _remove(model_dir(root, name) / VERSIONS / v)
+    return doomed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- reader side (server, edge)
+
+_TORCH_DTYPES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "F64": "float64",
+    "I64": "int64",
+    "U64": "uint64",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E8M0": "float8_e8m0fnu",
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute offsets in the file
+    end: int
+
+
+@dataclass
+class StagedModel:
+    """One published version, mapped read-only. Tensors are views of the mappings: no byte is copied.
+
+    The mappings stay valid after the version is garbage-collected; they are released when the last view goes.
+    """
+
+    name: str
+    version: str
+    path: Path
+    manifest: dict[str, Any]
+    maps: dict[str, mmap.mmap] = field(repr=False)
+
+    @property
+    def tensor_index(self) -> dict[str, TensorEntry]:
+        return {
+            n: TensorEntry(n, t["file"], t["dtype"], tuple(t["shape"]), t["offsets"][0], t["offsets"][1])
+            for n, t in self.manifest["tensors"].items()
+        }
+
+    def buffer(self, name: str) -> memoryview:
+        """A tensor's raw bytes as a read-only memoryview of the mapping (for consumers without torch)."""
+        t = self.manifest["tensors"][name]
+        begin, end = t["offsets"]
+        return memoryview(self.maps[t["file"]])[begin:end]
+
+    def file_path(self, rel: str) -> Path:
+        """A non-weight file of this version (config.json, tokenizer.json, ...)."""
+        return self.path / rel
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor as a torch tensor viewing the read-only mapping (writing to one faults: don't)."""
+        return {name: self.tensor(name) for name in self.manifest["tensors"]}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        import torch
+
+        t = self.manifest["tensors"][name]
+        dtype_name = _TORCH_DTYPES.get(t["dtype"])
+        if dtype_name is None or not hasattr(torch, dtype_name):
+            raise TypeError(f"tensor {name!r}: dtype {t['dtype']} has no torch equivalent here")
+        dtype = getattr(torch, dtype_name)
+        begin, end = t["offsets"]
+        count = (end - begin) // dtype.itemsize
+        if count == 0:
+            return torch.empty(t["shape"], dtype=dtype)
+        with warnings.catch_warnings():
+            # torch warns that the buffer is not writable: that is the point, the mapping is PROT_READ.
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(self.maps[t["file"]], dtype=dtype, count=count, offset=begin)
+        return flat.view(t["shape"])
+
+
+def open_model(root: Path, name: str, attempts: int = 5) -> StagedModel:
+    """Map the current version of `name`. Raises FileNotFoundError when nothing is published."""
+    mdir = model_dir(root, name)
+    last: OSError | None = None
+    for _ in range(attempts):
+        version = current_version(root, name)
+        if version is None:
+            raise FileNotFoundError(f"model {name!r} has no published version in {root}")
+        vdir = mdir / VERSIONS / version
+        try:
+            return _map_version(name, version, vdir)
+        except FileNotFoundError as e:  # garbage-collected between readlink and open: follow `current` again
+            last = e
+    raise FileNotFoundError(f"model {name!r}: version kept vanishing while opening ({last})")
+
+
+def _map_version(name: str, version: str, vdir: Path) -> StagedModel:
+    with open(vdir / MANIFEST, encoding="utf-8") as f:
+        manifest = json.load(f)
+    maps: dict[str, mmap.mmap] = {}
+    for entry in manifest["files"]:
+        if entry["kind"] != "safetensors" or entry["size"] == 0:
+            continue
+        with open(vdir / entry["path"], "rb") as f:
+            maps[entry["path"]] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return StagedModel(name=name, version=version, path=vdir, manifest=manifest, maps=maps)
+
+
+def wait_ready(
+    root: Path,
+    name: str,
+    timeout: float,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    interval: float = 0.05,
+) -> StagedModel:
+    """Block until a version of `name` is published, then open it. Raises TimeoutError after `timeout` seconds."""
+    deadline = clock() + timeout
+    while True:
+        try:
+            return open_model(root, name)
+        except FileNotFoundError:
+            if clock() >= deadline:
+                raise TimeoutError(f"model {name!r} was not published in {root} within {timeout:g} s") from None
+            sleep(interval)
+
+
+class VersionWatcher:
+    """Notices when a newer version of a model is published (a readlink per poll: cheap enough for 10 Hz)."""
+
+    def __init__(self, root: Path, name: str, seen: str | None = None) -> None:
+        self.root, self.name, self.seen = Path(root), name, seen
+
+    def poll(self) -> str | None:
+        """The newly published version since the last poll, or None."""
+        now = current_version(self.root, self.name)
+        if now is not None and now != self.seen:
+            self.seen = now
+            return now
+        return None

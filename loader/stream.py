@@ -1,0 +1,208 @@
+"""Parallel ranged copy of one source file into a preallocated staging file, with retries and streaming sha256.
+
+Bounds: at most `concurrency` range requests in flight, and at most `max_buffer_bytes` of range data held in
+memory (a range's buffer is held from its request until it is written and, when a digest is wanted, hashed).
+Ranges of a file take their buffer slots in order, so the lowest unhashed range always holds one: the in-order
+hasher can always make progress and never needs a second pass over the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import random
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from loader.errors import IntegrityError, TransientError
+from loader.plan import DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY, DEFAULT_MAX_BUFFER_BYTES, RetryPolicy, plan_ranges
+from loader.sources import Source, SourceFile, redact
+
+T = TypeVar("T")
+
+
+class Events:
+    """What a load reports as it goes; the CLI turns these into a progress bar, JSON logs and metrics."""
+
+    def bytes_done(self, n: int) -> None:
+        """`n` more bytes are in the store."""
+
+    def retry(self, where: str, attempt: int, delay: float, error: str) -> None:
+        """A transient failure; retry number `attempt` follows after `delay` seconds."""
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    concurrency: int = DEFAULT_CONCURRENCY
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.chunk_size < 4096:
+            raise ValueError(f"chunk size must be at least 4096 bytes, got {self.chunk_size}")
+        if self.max_buffer_bytes < self.chunk_size:
+            raise ValueError(
+                f"max buffer bytes ({self.max_buffer_bytes}) must hold at least one chunk ({self.chunk_size})"
+            )
+
+
+class Streamer:
+    """Shared limits for every file of one load: request slots, buffer slots, a thread pool for syscalls."""
+
+    def __init__(self, source: Source, settings: StreamSettings, events: Events, rng: random.Random | None = None):
+        self.source, self.settings, self.events = source, settings, events
+        self.rng = rng or random.Random()
+        self.io_slots = asyncio.Semaphore(settings.concurrency)
+        self.buffer_slots = asyncio.Semaphore(max(1, settings.max_buffer_bytes // settings.chunk_size))
+        self.pool = ThreadPoolExecutor(settings.concurrency + 1, thread_name_prefix="warmpod-io")
+
+    def __enter__(self) -> Streamer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def with_retries(self, f: SourceFile, what: str, attempt_fn: Callable[[], Awaitable[T]]) -> T:
+        """Run one ranged operation, retrying transient failures with backoff; a changed source fails at once."""
+        policy = self.settings.retry
+        for attempt in range(1, policy.attempts + 1):
+            try:
+                return await attempt_fn()
+            except TransientError as e:
+                if "short read" in str(e):
+                    await self.check_unchanged(f)
+                if attempt == policy.attempts:
+                    raise TransientError(f"{e} (gave up after {policy.attempts} attempts)") from e
+                delay = policy.delay(attempt, self.rng)
+                self.events.retry(f"{redact(self.source.uri)}: {f.rel} {what}", attempt, delay, str(e))
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def check_unchanged(self, f: SourceFile) -> None:
+        now = {g.rel: g for g in await self.source.refresh()}.get(f.rel)
+        if now is None or now.identity != f.identity:
+            was = f.identity.get("size")
+            size = now.identity.get("size") if now else "gone"
+            raise IntegrityError(
+                f"{redact(self.source.uri)}: {f.rel}: source changed during load (size was {was}, now {size}); "
+                "nothing was published — retry when the upload is complete"
+            )
+
+    async def read(self, f: SourceFile, offset: int, length: int) -> bytes:
+        async def attempt() -> bytes:
+            async with self.io_slots:
+                return await self.source.read_range(f, offset, length)
+
+        return await self.with_retries(f, f"bytes {offset}-{offset + length - 1}", attempt)
+
+    async def copy_file(self, f: SourceFile, dest: Path, want_sha256: bool) -> str | None:
+        """Copy `f` to `dest` (created, preallocated). Returns the sha256 hex when asked for, else None."""
+        fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _preallocate(fd, f.size)
+            hasher = _OrderedHasher(self) if want_sha256 else None
+            async with asyncio.TaskGroup() as tg:
+                for r in plan_ranges(f.size, self.settings.chunk_size):
+                    await self.buffer_slots.acquire()
+                    tg.create_task(self._copy_range(f, fd, dest, r.index, r.offset, r.length, hasher))
+            return hasher.hexdigest() if hasher else None
+        finally:
+            os.close(fd)
+
+    async def _copy_range(
+        self, f: SourceFile, fd: int, dest: Path, index: int, offset: int, length: int, hasher: _OrderedHasher | None
+    ) -> None:
+        try:
+            if self.source.is_local and hasher is None:
+                await self._sendfile_range(f, dest, offset, length)
+            else:
+                data = await self.read(f, offset, length)
+                await self.run(_pwrite_all, fd, data, offset)
+                if hasher is not None:
+                    await hasher.feed(index, data)
+            self.events.bytes_done(length)
+        finally:
+            self.buffer_slots.release()
+
+    async def _sendfile_range(self, f: SourceFile, dest: Path, offset: int, length: int) -> None:
+        """Local source: the kernel copies page cache to page cache; no byte passes through Python."""
+
+        async def attempt() -> None:
+            async with self.io_slots:
+                copied = await self.run(_sendfile_range, f.path, dest, offset, length)
+            if copied < length:
+                raise TransientError(f"{f.rel}: short read: {copied} of {length} bytes at offset {offset}")
+
+        await self.with_retries(f, f"bytes {offset}-{offset + length - 1}", attempt)
+
+
+class _OrderedHasher:
+    """sha256 over ranges that complete out of order: each range waits for its predecessors, then hashes."""
+
+    def __init__(self, streamer: Streamer) -> None:
+        self.streamer = streamer
+        self.sha = hashlib.sha256()
+        self.next = 0
+        self.turn = asyncio.Condition()
+
+    async def feed(self, index: int, data: bytes) -> None:
+        async with self.turn:
+            await self.turn.wait_for(lambda: self.next == index)
+        await self.streamer.run(self.sha.update, data)  # hashlib releases the GIL for large buffers
+        async with self.turn:
+            self.next += 1
+            self.turn.notify_all()
+
+    def hexdigest(self) -> str:
+        return self.sha.hexdigest()
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve the file's pages up front (tmpfs charges them now, and ENOSPC comes before any byte is fetched)."""
+    if size == 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _sendfile_range(src_path: str, dest: Path, offset: int, length: int) -> int:
+    """Copy [offset, offset+length) of src into dst at the same offset. Returns bytes copied (short at EOF).
+
+    sendfile(2) writes at the output's file position, so each range uses its own descriptor of the staging file.
+    """
+    src = os.open(src_path, os.O_RDONLY)
+    out = os.open(dest, os.O_WRONLY)
+    try:
+        os.lseek(out, offset, os.SEEK_SET)
+        done = 0
+        while done < length:
+            n = os.sendfile(out, src, offset + done, length - done)
+            if n == 0:
+                break
+            done += n
+        return done
+    finally:
+        os.close(src)
+        os.close(out)

@@ -1,0 +1,1 @@
+"""warmpod server: the HTTP inference endpoint over the shared-memory store (see issue 3)."""

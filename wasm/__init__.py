@@ -1,0 +1,1 @@
+"""warmpod edge: lightweight models in a sandboxed WebAssembly engine (see issue 4)."""
