@@ -34,6 +34,13 @@ from loader.store import DEFAULT_ROOT, check_model_name, current_version, read_m
 from loader.stream import StreamSettings
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="warmpod load",
@@ -49,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pin a file's sha256 (computed while streaming); repeatable")
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
                    help=f"range requests in flight (default {DEFAULT_CONCURRENCY})")
-    p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE,
+    p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE,
                    help="bytes per range request, e.g. 16MiB (default 16MiB)")
-    p.add_argument("--max-buffer", type=parse_size, default=DEFAULT_MAX_BUFFER_BYTES,
+    p.add_argument("--max-buffer", type=_size, default=DEFAULT_MAX_BUFFER_BYTES,
                    help="most bytes of range data held in memory at once (default 256MiB)")
     p.add_argument("--keep", type=int, default=2, help="published versions to keep (default 2)")
     p.add_argument("--watch", type=float, metavar="SECONDS",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class LoaderError(Exception):
     """A load failed for a reason the user can act on. The message says what was wrong and how to fix it."""
@@ -56,3 +59,24 @@ class TransientError(LoaderError):
 class StoreBusy(LoaderError):
     exit_code = 9
     kind = "busy"
+
+
+@contextlib.contextmanager
+def first_error() -> Iterator[None]:
+    """Around an asyncio.TaskGroup: raise the group's first LoaderError (else its first error) on its own.
+
+    Concurrent ranges fail together (one cause, several symptoms); the user needs the cause, once.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        raise next((e for e in leaves if isinstance(e, LoaderError)), leaves[0]) from None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for e in group.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            yield from _leaves(e)
+        else:
+            yield e

@@ -23,7 +23,7 @@ from typing import Any
 
 from loader import __version__
 from loader.capacity import Room, cgroup_room, check_room, filesystem_room
-from loader.errors import IntegrityError, InvalidModel, UsageError
+from loader.errors import IntegrityError, InvalidModel, TransientError, UsageError, first_error
 from loader.header import PREFIX_BYTES, Header, header_length, parse_header
 from loader.sources import INDEX_FILE, Source, SourceFile, identity_digest, open_source, redact
 from loader.store import (
@@ -131,8 +131,11 @@ async def _load_locked(req: LoadRequest, source: Source, events: LoadEvents, sta
     clean_staging(req.root, req.model, keep=sdir)
     try:
         return await _stage_and_publish(req, source, events, started, sdir)
-    except asyncio.CancelledError:
-        clean_staging(req.root, req.model)  # a deliberate stop leaves nothing behind
+    except TransientError:
+        _discard_incomplete(sdir, digest)  # completed files stay for the next attempt to reuse
+        raise
+    except BaseException:
+        clean_staging(req.root, req.model)  # SIGTERM or a permanent error: leave no memory behind
         raise
 
 
@@ -171,9 +174,10 @@ async def _stage_and_publish(
             _write_journal(sdir, digest, done)
             events.file_done(f.rel, f.size, reused=False)
 
-        async with asyncio.TaskGroup() as tg:
-            for f in to_copy:
-                tg.create_task(stage(f))
+        with first_error():
+            async with asyncio.TaskGroup() as tg:
+                for f in to_copy:
+                    tg.create_task(stage(f))
 
     if identity_digest(await source.refresh()) != digest:
         raise IntegrityError(
@@ -295,6 +299,14 @@ def _size_of(path: Path) -> int:
         return os.stat(path).st_size
     except FileNotFoundError:
         return -1
+
+
+def _discard_incomplete(sdir: Path, digest: str) -> None:
+    done = _read_journal(sdir, digest)
+    for path in sdir.rglob("*"):
+        rel = str(path.relative_to(sdir))
+        if path.is_file() and rel not in done and path.name != JOURNAL:
+            path.unlink()
 
 
 def _read_journal(sdir: Path, digest: str) -> dict[str, dict[str, Any]]:

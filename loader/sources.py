@@ -204,7 +204,6 @@ def storage_options(protocol: str, concurrency: int) -> dict[str, Any]:
     """Per-backend options: our own retry loop is the only one (no nested retry storms), pools fit concurrency."""
     if protocol in ("s3", "s3a"):
         opts: dict[str, Any] = {
-            "retries": 1,
             "config_kwargs": {
                 "retries": {"total_max_attempts": 1, "mode": "standard"},
                 "max_pool_connections": max(10, concurrency * 2),
@@ -232,6 +231,8 @@ async def open_source(uri: str, concurrency: int = 8) -> Source:
     if cls.async_impl:
         opts["asynchronous"] = True
     fs = cls(skip_instance_cache=True, **opts)
+    if hasattr(fs, "retries"):
+        fs.retries = 1  # s3fs retries inside each call; ours is the one retry loop
     if cls.async_impl and hasattr(fs, "set_session"):
         await fs.set_session()
     path = fs._strip_protocol(uri)

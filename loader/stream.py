@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from loader.errors import IntegrityError, TransientError
+from loader.errors import IntegrityError, TransientError, first_error
 from loader.plan import DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY, DEFAULT_MAX_BUFFER_BYTES, RetryPolicy, plan_ranges
 from loader.sources import Source, SourceFile, redact
 
@@ -112,10 +112,11 @@ class Streamer:
         try:
             _preallocate(fd, f.size)
             hasher = _OrderedHasher(self) if want_sha256 else None
-            async with asyncio.TaskGroup() as tg:
-                for r in plan_ranges(f.size, self.settings.chunk_size):
-                    await self.buffer_slots.acquire()
-                    tg.create_task(self._copy_range(f, fd, dest, r.index, r.offset, r.length, hasher))
+            with first_error():
+                async with asyncio.TaskGroup() as tg:
+                    for r in plan_ranges(f.size, self.settings.chunk_size):
+                        await self.buffer_slots.acquire()
+                        tg.create_task(self._copy_range(f, fd, dest, r.index, r.offset, r.length, hasher))
             return hasher.hexdigest() if hasher else None
         finally:
             os.close(fd)

@@ -1,0 +1,797 @@
+"""How fast does `warmpod load` put a model into the shared-memory store, next to the usual ways of doing it?
+
+One run measures three source paths, each against its own baselines, on the same generated model:
+
+  local  a safetensors file on the root disk -> /dev/shm
+         warmpod (`python -m warmpod load FILE`)  vs  `cp FILE /dev/shm/...`  vs  st-load
+         (safetensors.torch.load_file into RAM, then each tensor's bytes written to a file on /dev/shm).
+         Goal: warmpod >= 0.8x cp.
+  s3     the same file as an object on a local SeaweedFS S3 gateway -> /dev/shm
+         warmpod (`load s3://...`)  vs  s3fs `S3FileSystem.get`  vs  runai-model-streamer
+         (SafetensorsStreamer; "runai-write" writes each tensor to /dev/shm as it arrives, "runai-ram" only
+         keeps the tensors in RAM and is shown for reference). Goals: warmpod >= 1.0x runai-write, >= 2x s3fs.
+  http   the same file served by nginx (sendfile) -> /dev/shm
+         warmpod (`load http://...`)  vs  `curl -o /dev/shm/...`. No goal; the ratio is reported.
+
+Why this way:
+  * Every tool runs as its own process and is timed wall-clock from spawn to exit: that is what a pod's init
+    step pays (interpreter start and imports included). The Python tools and warmpod also report their
+    in-process time, shown in its own column.
+  * Same conditions for every tool: the model file is read fully once before timing, so the local source is
+    in the page cache for everyone (and so are SeaweedFS's volume files after the warm-up round). One warm-up
+    round of every tool runs first and is not counted: freshly touched memory is slow on this VM (the host
+    reclaims idle pages), and the first reads from the servers fill their caches.
+  * Rounds are interleaved (every tool once per round, the order rotated each round) so drift hits all tools.
+    Each run writes to a fresh directory under /dev/shm, which is deleted right after (tmpfs is RAM).
+  * Throughput is the model file's size over the median wall time; ratios compare those throughputs.
+  * Threads: OMP_NUM_THREADS=MKL_NUM_THREADS=1 for every child (the torch-based tools also call
+    torch.set_num_threads(1)); warmpod and runai keep their own I/O concurrency defaults unless
+    --warmpod-arg / RUNAI_STREAMER_* variables say otherwise.
+
+Usage:
+  python bench/load_bench.py [--size-gib 2] [--reps 3] [--out BENCHMARKS.md] [--only cp,s3fs,runai,curl]
+
+Servers (bench/servers_bench.py) listen on 127.0.0.1 only and are stopped at the end; everything written to
+/dev/shm and the work directory is removed (pass --model-dir to keep and reuse the generated model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR))
+
+from servers_bench import NginxStatic, SeaweedS3  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+MODEL_FILE = "model.safetensors"
+BUCKET = "warmpod-bench"
+S3_KEY = f"model/{MODEL_FILE}"
+MARK_START = "<!-- load_bench:start -->"
+MARK_END = "<!-- load_bench:end -->"
+PATHS = ("local", "s3", "http")
+PATH_TITLES = {"local": "local file → /dev/shm", "s3": "S3 (SeaweedFS) → /dev/shm", "http": "HTTP (nginx) → /dev/shm"}
+# The baseline each path's "vs ref" column divides by.
+REFERENCE = {"local": "cp", "s3": "runai-write", "http": "curl"}
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # safetensors dtype name: F32, F16, BF16, I64
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * {"F32": 4, "F16": 2, "BF16": 2, "I64": 8}[self.dtype]
+
+
+def plan_model(total_bytes: int) -> list[TensorSpec]:
+    """A transformer-like tensor set of about `total_bytes`: F32 embedding and norms, BF16 attention, F16 MLP,
+    an I64 buffer, plus a scalar and odd-sized tensors so offsets are not all nicely aligned."""
+    hidden = 2048 if total_bytes >= 512 * MiB else 256
+    mlp = hidden * 11 // 4
+    vocab = max(16, int(0.12 * total_bytes) // (hidden * 4))
+    n_index = max(1, int(0.03 * total_bytes) // 8)
+    per_layer = 4 * hidden * hidden * 2 + 2 * hidden * mlp * 2 + 2 * hidden * 4
+    layers = max(1, round((total_bytes - vocab * hidden * 4 - n_index * 8) / per_layer))
+    specs = [
+        TensorSpec("model.embed_tokens.weight", "F32", (vocab, hidden)),
+        TensorSpec("model.rope.position_index", "I64", (n_index,)),
+        TensorSpec("model.norm.weight", "F32", (hidden,)),
+        TensorSpec("model.logit_scale", "F32", ()),
+        TensorSpec("model.odd.bias", "BF16", (1001,)),
+    ]
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        specs += [TensorSpec(f"{p}.self_attn.{w}_proj.weight", "BF16", (hidden, hidden)) for w in "qkvo"]
+        specs += [
+            TensorSpec(f"{p}.mlp.up_proj.weight", "F16", (mlp, hidden)),
+            TensorSpec(f"{p}.mlp.down_proj.weight", "F16", (hidden, mlp)),
+            TensorSpec(f"{p}.input_layernorm.weight", "F32", (hidden,)),
+            TensorSpec(f"{p}.post_attention_layernorm.weight", "F32", (hidden,)),
+        ]
+    return specs
+
+
+def dtype_mix(specs: Sequence[TensorSpec]) -> dict[str, tuple[int, int]]:
+    """dtype -> (tensor count, bytes)."""
+    mix: dict[str, tuple[int, int]] = {}
+    for s in specs:
+        n, b = mix.get(s.dtype, (0, 0))
+        mix[s.dtype] = (n + 1, b + s.nbytes)
+    return mix
+
+
+def write_model(path: Path, specs: Sequence[TensorSpec], seed: int = 0) -> None:
+    """Random tensors (normal for floats, uniform for I64) saved with safetensors.torch.save_file."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
+    tensors: dict[str, Any] = {}
+    for s in specs:
+        if s.dtype == "I64":
+            tensors[s.name] = torch.randint(0, 1 << 40, s.shape, dtype=torch.int64)
+        else:
+            tensors[s.name] = torch.randn(s.shape, dtype=torch.float32).to(dtypes[s.dtype])
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "generator": "bench/load_bench.py"})
+    tmp.rename(path)
+
+
+def ensure_model(model_dir: Path, specs: Sequence[TensorSpec]) -> Path:
+    """Generate the model unless `model_dir` already holds one with exactly this tensor plan."""
+    path = model_dir / MODEL_FILE
+    plan_file = model_dir / "plan.json"
+    plan = json.dumps([asdict(s) for s in specs])
+    if path.exists() and plan_file.exists() and plan_file.read_text() == plan:
+        log(f"reusing model {path} ({path.stat().st_size / GiB:.2f} GiB)")
+        return path
+    model_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    write_model(path, specs)
+    # plan.json sits outside the served directory's file list only by name; warmpod is given the file itself.
+    plan_file.write_text(plan)
+    log(f"wrote model {path} ({path.stat().st_size / GiB:.2f} GiB) in {time.perf_counter() - t0:.1f}s")
+    return path
+
+
+def data_bytes(path: Path) -> int:
+    """Bytes of tensor data in a safetensors file (file size minus the 8-byte length and the header)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+    return path.stat().st_size - 8 - n
+
+
+def read_fully(path: Path, block: int = 16 * MiB) -> float:
+    """Read the whole file once (puts it in the page cache); returns seconds taken."""
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(block)
+        while f.readinto(buf):
+            pass
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------- tools
+
+
+@dataclass
+class Ctx:
+    """What a tool needs to build its command line."""
+
+    model: Path
+    model_bytes: int
+    tensor_bytes: int
+    s3_uri: str = ""
+    http_url: str = ""
+    s3_env: dict[str, str] = field(default_factory=dict)
+    warmpod_args: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Tool:
+    key: str
+    path: str  # local | s3 | http
+    label: str
+    argv: Callable[[Ctx, Path, str], list[str]]  # (ctx, output dir, run id) -> argv
+    needs_s3_env: bool = False
+    json_out: bool = False  # prints a JSON object with "seconds" (and "bytes") as its last stdout line
+    expect: str = "file"  # file: output equals the model file; tensors: >= tensor bytes; none: writes nothing
+
+    @property
+    def is_warmpod(self) -> bool:
+        return self.key.startswith("warmpod")
+
+
+def _warmpod(source: Callable[[Ctx], str]) -> Callable[[Ctx, Path, str], list[str]]:
+    def argv(ctx: Ctx, out: Path, run_id: str) -> list[str]:
+        cmd = [sys.executable, "-m", "warmpod", "load", source(ctx), "--model", f"bench-{run_id}"]
+        return [*cmd, "--store", str(out / "store"), *ctx.warmpod_args]
+
+    return argv
+
+
+def _worker(tool: str, source: Callable[[Ctx], str]) -> Callable[[Ctx, Path, str], list[str]]:
+    def argv(ctx: Ctx, out: Path, run_id: str) -> list[str]:
+        return [sys.executable, str(BENCH_DIR / "baseline_workers.py"), tool, source(ctx), str(out / "model.bin")]
+
+    return argv
+
+
+def _local(ctx: Ctx) -> str:
+    return str(ctx.model)
+
+
+def _s3(ctx: Ctx) -> str:
+    return ctx.s3_uri
+
+
+def _http(ctx: Ctx) -> str:
+    return ctx.http_url
+
+
+TOOLS: tuple[Tool, ...] = (
+    Tool("warmpod-local", "local", "warmpod", _warmpod(_local), json_out=True, expect="tensors"),
+    Tool("cp", "local", "cp", lambda c, o, r: ["cp", str(c.model), str(o / MODEL_FILE)]),
+    Tool("st-load", "local", "safetensors load_file + write", _worker("st-load", _local), json_out=True,
+         expect="tensors"),
+    Tool("warmpod-s3", "s3", "warmpod", _warmpod(_s3), needs_s3_env=True, json_out=True, expect="tensors"),
+    Tool("s3fs", "s3", "s3fs get", _worker("s3fs", _s3), needs_s3_env=True, json_out=True),
+    Tool("runai-write", "s3", "runai streamer + write", _worker("runai-write", _s3), needs_s3_env=True,
+         json_out=True, expect="tensors"),
+    Tool("runai-ram", "s3", "runai streamer, RAM only", _worker("runai-ram", _s3), needs_s3_env=True,
+         json_out=True, expect="none"),
+    Tool("warmpod-http", "http", "warmpod", _warmpod(_http), json_out=True, expect="tensors"),
+    Tool("curl", "http", "curl -o", lambda c, o, r: ["curl", "-sSf", "-o", str(o / MODEL_FILE), c.http_url]),
+)
+TOOL_BY_KEY = {t.key: t for t in TOOLS}
+ALIASES = {
+    "warmpod": [t.key for t in TOOLS if t.is_warmpod],
+    "baselines": [t.key for t in TOOLS if not t.is_warmpod],
+    "runai": ["runai-write", "runai-ram"],
+    **{p: [t.key for t in TOOLS if t.path == p] for p in PATHS},
+}
+
+
+def select_tools(only: str | None) -> list[Tool]:
+    """Tools named by --only (keys, or aliases: warmpod, baselines, runai, local, s3, http); all if None."""
+    if not only:
+        return list(TOOLS)
+    keys: set[str] = set()
+    for word in (w.strip() for w in only.split(",") if w.strip()):
+        if word in ALIASES:
+            keys.update(ALIASES[word])
+        elif word in TOOL_BY_KEY:
+            keys.add(word)
+        else:
+            raise SystemExit(f"--only: unknown tool {word!r}; known: {', '.join([*TOOL_BY_KEY, *ALIASES])}")
+    return [t for t in TOOLS if t.key in keys]
+
+
+def warmpod_available(timeout_s: float = 60.0) -> tuple[bool, str]:
+    """Whether `python -m warmpod load --help` works from the repository root."""
+    try:
+        p = subprocess.run(
+            [sys.executable, "-m", "warmpod", "load", "--help"],
+            cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return False, "`python -m warmpod load --help` timed out"
+    if p.returncode != 0:
+        return False, (p.stderr or p.stdout).strip().splitlines()[-1:][0] if (p.stderr or p.stdout) else "failed"
+    return True, ""
+
+
+# ----------------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Sample:
+    wall_s: float
+    inproc_s: float | None
+    written: int
+
+
+@dataclass
+class ToolResult:
+    tool: Tool
+    samples: list[Sample] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def walls(self) -> list[float]:
+        return [s.wall_s for s in self.samples]
+
+    @property
+    def median_s(self) -> float | None:
+        return statistics.median(self.walls) if self.samples else None
+
+    @property
+    def median_inproc_s(self) -> float | None:
+        vals = [s.inproc_s for s in self.samples if s.inproc_s is not None]
+        return statistics.median(vals) if vals else None
+
+    def mibps(self, nbytes: int, seconds: float | None = None) -> float | None:
+        s = self.median_s if seconds is None else seconds
+        return nbytes / s / MiB if s else None
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def child_env(tool: Tool, ctx: Ctx) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    if tool.needs_s3_env:
+        env.update(ctx.s3_env)
+        env.setdefault("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0")
+    return env
+
+
+def resident_bytes(root: Path) -> int:
+    """Bytes actually allocated under `root` (st_blocks, so a sparse or preallocated-only file does not count)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+    return total
+
+
+def last_json(stdout: str) -> dict[str, Any]:
+    for line in reversed(stdout.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                obj = json.loads(line)
+                if isinstance(obj, dict):
+                    return obj
+    raise RunFailed(f"no JSON object on stdout: {stdout[-500:]!r}")
+
+
+def spot_check(copy: Path, original: Path, samples: int = 8, block: int = MiB) -> None:
+    """Compare a few random 1 MiB blocks (and the first and last) of a byte-for-byte copy with the original."""
+    size = original.stat().st_size
+    if copy.stat().st_size != size:
+        raise RunFailed(f"{copy} is {copy.stat().st_size} bytes, expected {size}")
+    rng = random.Random(size)
+    offsets = {0, max(0, size - block), *(rng.randrange(0, max(1, size - block)) for _ in range(samples))}
+    with open(copy, "rb") as a, open(original, "rb") as b:
+        for off in sorted(offsets):
+            a.seek(off)
+            b.seek(off)
+            if a.read(block) != b.read(block):
+                raise RunFailed(f"{copy} differs from {original} at offset {off}")
+
+
+def run_once(tool: Tool, ctx: Ctx, shm_root: Path, run_id: str, timeout_s: float, check: bool) -> Sample:
+    """One timed run of `tool` into a fresh directory under `shm_root`, which is removed afterwards."""
+    out = shm_root / run_id
+    out.mkdir()
+    try:
+        argv = tool.argv(ctx, out, run_id)
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run(argv, cwd=REPO, env=child_env(tool, ctx), capture_output=True, text=True,
+                               timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise RunFailed(f"timed out after {timeout_s:.0f}s: {' '.join(argv)}") from exc
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise RunFailed(f"exit {p.returncode}: {' '.join(argv)}\n{(p.stderr or p.stdout)[-2000:]}")
+        inproc = None
+        if tool.json_out:
+            obj = last_json(p.stdout)
+            inproc = float(obj["seconds"]) if obj.get("seconds") is not None else None
+        written = resident_bytes(out)
+        verify_output(tool, ctx, out, written, check)
+        return Sample(wall, inproc, written)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def verify_output(tool: Tool, ctx: Ctx, out: Path, written: int, check: bool) -> None:
+    if tool.expect == "file":
+        copy = out / MODEL_FILE if (out / MODEL_FILE).exists() else out / "model.bin"
+        if check:
+            spot_check(copy, ctx.model)
+        elif copy.stat().st_size != ctx.model_bytes:
+            raise RunFailed(f"{tool.key}: wrote {copy.stat().st_size} bytes, expected {ctx.model_bytes}")
+    elif tool.expect == "tensors" and written < ctx.tensor_bytes:
+        raise RunFailed(f"{tool.key}: {written} bytes on /dev/shm, expected at least {ctx.tensor_bytes}")
+
+
+def rotated(items: Sequence[Tool], k: int) -> list[Tool]:
+    k %= max(1, len(items))
+    return [*items[k:], *items[:k]]
+
+
+def run_all(tools: Sequence[Tool], ctx: Ctx, shm_root: Path, reps: int, timeout_s: float) -> dict[str, ToolResult]:
+    """One uncounted warm-up round (with content checks), then `reps` interleaved, rotated rounds."""
+    results = {t.key: ToolResult(t) for t in tools}
+    live = list(tools)
+    for rnd in range(reps + 1):
+        warm = rnd == 0
+        for tool in rotated(live, rnd):
+            res = results[tool.key]
+            if res.error:
+                continue
+            run_id = f"{tool.key}-{'warmup' if warm else rnd}"
+            try:
+                sample = run_once(tool, ctx, shm_root, run_id, timeout_s, check=warm)
+            except RunFailed as exc:
+                res.error = str(exc).splitlines()[0][:300]
+                log(f"  {run_id:<22} FAILED: {exc}")
+                continue
+            if not warm:
+                res.samples.append(sample)
+            inproc = f"  in-proc {sample.inproc_s:6.2f}s" if sample.inproc_s is not None else ""
+            log(f"  {run_id:<22} {sample.wall_s:7.2f}s  {ctx.model_bytes / sample.wall_s / MiB:8.0f} MiB/s{inproc}"
+                + ("  (warm-up, not counted)" if warm else ""))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class Goal:
+    path: str
+    baseline: str
+    target: float
+
+    def text(self) -> str:
+        return f"{self.path}: warmpod ≥ {self.target:g}× {self.baseline}"
+
+
+GOALS = (Goal("local", "cp", 0.8), Goal("s3", "runai-write", 1.0), Goal("s3", "s3fs", 2.0))
+
+
+def speed_ratio(a: ToolResult | None, b: ToolResult | None, inproc: bool = False) -> float | None:
+    """How many times faster `a` is than `b` (ratio of median throughputs), or None if either is missing."""
+    if a is None or b is None:
+        return None
+    sa, sb = (a.median_inproc_s, b.median_inproc_s) if inproc else (a.median_s, b.median_s)
+    return sb / sa if sa and sb else None
+
+
+def warmpod_of(results: dict[str, ToolResult], path: str) -> ToolResult | None:
+    r = results.get(f"warmpod-{path}")
+    return r if r and r.samples else None
+
+
+def goal_lines(results: dict[str, ToolResult]) -> list[str]:
+    lines = []
+    for g in GOALS:
+        w, b = warmpod_of(results, g.path), results.get(g.baseline)
+        ratio = speed_ratio(w, b if b and b.samples else None)
+        if ratio is None:
+            why = "warmpod" if w is None else g.baseline
+            lines.append(f"- {g.text()}: **not measured** ({why} has no successful runs)")
+            continue
+        verdict = "met" if ratio >= g.target else "missed"
+        ip = speed_ratio(w, b, inproc=True)
+        extra = f"; in-process {ip:.2f}×" if ip is not None else ""
+        lines.append(f"- {g.text()}: **{verdict}** — {ratio:.2f}× (wall-clock medians{extra})")
+    w, c = warmpod_of(results, "http"), results.get("curl")
+    ratio = speed_ratio(w, c if c and c.samples else None)
+    if ratio is not None:
+        lines.append(f"- http: no goal set — warmpod is {ratio:.2f}× curl")
+    return lines
+
+
+def fmt(v: float | None, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def results_table(results: dict[str, ToolResult], model_bytes: int) -> str:
+    head = ("| path | tool | median s | MiB/s | in-proc s | vs ref | warmpod ÷ this | min–max s | runs |\n"
+            "|---|---|---:|---:|---:|---:|---:|---|---:|")
+    rows = [head]
+    for path in PATHS:
+        ref = results.get(REFERENCE[path])
+        ref = ref if ref and ref.samples else None
+        w = warmpod_of(results, path)
+        for r in (r for r in results.values() if r.tool.path == path):
+            name = f"**{r.tool.label}**" if r.tool.is_warmpod else r.tool.label
+            if not r.samples:
+                rows.append(f"| {path} | {name} | failed: {r.error.replace('|', '/')[:80]} | | | | | | 0 |")
+                continue
+            vs_ref = speed_ratio(r, ref)
+            mine = None if r.tool.is_warmpod else speed_ratio(w, r)
+            rows.append(
+                f"| {path} | {name} | {fmt(r.median_s, '.2f')} | {fmt(r.mibps(model_bytes), '.0f')} | "
+                f"{fmt(r.median_inproc_s, '.2f')} | {fmt(vs_ref, '.2f')}× | "
+                f"{fmt(mine, '.2f') + '×' if mine else '—'} | "
+                f"{min(r.walls):.2f}–{max(r.walls):.2f} | {len(r.samples)} |"
+            )
+    return "\n".join(rows)
+
+
+@dataclass
+class Meta:
+    command: str
+    date: str
+    machine: str
+    model: str
+    servers: str
+    notes: list[str] = field(default_factory=list)
+
+
+def machine_notes() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    shm = shutil.disk_usage("/dev/shm").total
+    import torch
+
+    return (f"{os.cpu_count()} CPU cores ({cpu}), {mem / GiB:.1f} GiB RAM, /dev/shm tmpfs {shm / GiB:.1f} GiB; "
+            f"Linux {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
+            f"{package_versions()}")
+
+
+def package_versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("safetensors", "s3fs", "runai-model-streamer"):
+        try:
+            out.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            out.append(f"{pkg} (not installed)")
+    curl = subprocess.run(["curl", "--version"], capture_output=True, text=True, check=False).stdout.split()
+    out.append(f"curl {curl[1] if len(curl) > 1 else '?'}")
+    return ", ".join(out)
+
+
+def fs_of(path: Path) -> str:
+    """Filesystem type of the mount holding `path` (longest mount-point prefix in /proc/mounts)."""
+    best, fstype = "", "unknown"
+    with contextlib.suppress(OSError), open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and str(path).startswith(parts[1]) and len(parts[1]) > len(best):
+                best, fstype = parts[1], parts[2]
+    return fstype
+
+
+def model_notes(model: Path, specs: Sequence[TensorSpec]) -> str:
+    mix = ", ".join(f"{d} {n} tensors / {b / MiB:.0f} MiB" for d, (n, b) in sorted(dtype_mix(specs).items()))
+    size = model.stat().st_size
+    return (f"{size / GiB:.2f} GiB safetensors file ({size} bytes), {len(specs)} tensors: {mix}; "
+            f"written once under {model.parent.parent} ({fs_of(model)}, not tmpfs) and uploaded once to each server")
+
+
+def markdown_section(meta: Meta, table: str, goals: list[str], png: Path | None) -> str:
+    parts = [
+        MARK_START,
+        "## Loader throughput: `warmpod load` vs cp / safetensors / s3fs / runai / curl",
+        "",
+        f"- Command: `{meta.command}`",
+        f"- Date: {meta.date}",
+        f"- Machine: {meta.machine}",
+        f"- Model: {meta.model}",
+        f"- Servers: {meta.servers}",
+        *(f"- {n}" for n in meta.notes),
+        "",
+        table,
+        "",
+        "Goals (judged on wall-clock median throughput):",
+        "",
+        *goals,
+        "",
+    ]
+    if png is not None:
+        parts += [f"![load throughput]({png.relative_to(REPO).as_posix()})", ""]
+    parts.append(MARK_END)
+    return "\n".join(parts)
+
+
+def update_section(doc: Path, section: str) -> None:
+    """Replace the text between the markers in `doc` (create the file, or append the section, if absent)."""
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    if MARK_START in text and MARK_END in text:
+        pre = text[: text.index(MARK_START)]
+        post = text[text.index(MARK_END) + len(MARK_END):]
+        text = pre + section + post
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    doc.write_text(text)
+
+
+def plot(results: dict[str, ToolResult], model_bytes: int, png: Path, title: str) -> Path | None:
+    """Horizontal bars of median MiB/s per tool, grouped by path, with min/max whiskers."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed: no chart (pip install -r bench/requirements.txt -c bench/constraints.txt)")
+        return None
+    rows = [r for p in PATHS for r in results.values() if r.tool.path == p and r.samples]
+    if not rows:
+        return None
+    labels = [f"{r.tool.path}: {r.tool.label}" for r in rows]
+    med = [r.mibps(model_bytes) or 0.0 for r in rows]
+    lo = [m - model_bytes / max(r.walls) / MiB for m, r in zip(med, rows, strict=True)]
+    hi = [model_bytes / min(r.walls) / MiB - m for m, r in zip(med, rows, strict=True)]
+    colors = ["#d62728" if r.tool.is_warmpod else {"local": "#1f77b4", "s3": "#2ca02c", "http": "#9467bd"}[r.tool.path]
+              for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.6))
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, med, xerr=[lo, hi], color=colors, capsize=3)
+    ax.set_yticks(y, labels)
+    for yi, m in zip(y, med, strict=True):
+        ax.text(m, yi, f" {m:.0f}", va="center", fontsize=8)
+    ax.set_xlabel("MiB/s into /dev/shm (median wall-clock; whiskers: min/max)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def temp_dir(parent: Path, prefix: str, keep: bool = False) -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield d
+    finally:
+        if not keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gib", type=float, default=2.0, help="model size in GiB (default 2)")
+    ap.add_argument("--reps", type=int, default=3, help="counted repetitions per tool (default 3, min 1)")
+    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"),
+                    help="markdown file whose load_bench section is replaced ('' to skip)")
+    ap.add_argument("--png", default=str(BENCH_DIR / "results" / "load_bench.png"), help="bar chart ('' to skip)")
+    ap.add_argument("--json", default=str(BENCH_DIR / "results" / "load_bench.json"), help="raw results ('' to skip)")
+    ap.add_argument("--only", help="comma-separated tools or groups: " + ", ".join([*TOOL_BY_KEY, *ALIASES]))
+    ap.add_argument("--workdir", default="/var/tmp", help="root-disk directory for the model and server data")
+    ap.add_argument("--shm", default="/dev/shm", help="where the stores and copies go (tmpfs)")
+    ap.add_argument("--model-dir", help="keep the generated model here and reuse it on later runs")
+    ap.add_argument("--warmpod-arg", action="append", default=[],
+                    help="extra argument for every `warmpod load` (repeatable), e.g. --warmpod-arg=--concurrency=8")
+    ap.add_argument("--timeout", type=float, default=0, help="per-run timeout in s (default 120 + 120 per GiB)")
+    args = ap.parse_args(argv)
+    if args.reps < 1 or args.size_gib <= 0:
+        ap.error("--reps must be >= 1 and --size-gib > 0")
+    return args
+
+
+def command_line(argv: Sequence[str] | None) -> str:
+    words = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["python", "bench/load_bench.py", *words])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks (servers, /dev/shm)
+    tools = select_tools(args.only)
+    notes: list[str] = []
+    if any(t.is_warmpod for t in tools):
+        ok, why = warmpod_available()
+        if not ok:
+            log(f"warmpod CLI not available ({why}); measuring the baselines only")
+            notes.append(f"warmpod not measured: `python -m warmpod load --help` failed ({why})")
+            tools = [t for t in tools if not t.is_warmpod]
+    if not tools:
+        raise SystemExit("nothing to run")
+    workdir = Path(args.workdir)
+    if fs_of(workdir.resolve()) == "tmpfs":
+        log(f"warning: {workdir} is tmpfs; the source should be on a real disk")
+    specs = plan_model(int(args.size_gib * GiB))
+    model_size = sum(s.nbytes for s in specs)
+    if shutil.disk_usage(args.shm).free < 2.5 * model_size:
+        raise SystemExit(f"{args.shm} has {shutil.disk_usage(args.shm).free / GiB:.1f} GiB free; "
+                         f"need {2.5 * model_size / GiB:.1f}")
+    timeout_s = args.timeout or 120 + 120 * args.size_gib
+    started = dt.datetime.now(dt.UTC)
+
+    with contextlib.ExitStack() as stack:
+        root = stack.enter_context(temp_dir(workdir, "warmpod-bench-"))
+        root.chmod(0o755)  # nginx workers run as nobody
+        shm_root = stack.enter_context(temp_dir(Path(args.shm), "warmpod-bench-"))
+        model_dir = Path(args.model_dir).resolve() if args.model_dir else root / "src" / "model"
+        model = ensure_model(model_dir, specs)
+        model_dir.chmod(0o755)  # readable by nginx's workers (the parents are ours and 0755, or the user's)
+        model.chmod(0o644)
+        model_desc = model_notes(model, specs)
+        ctx = Ctx(model=model, model_bytes=model.stat().st_size, tensor_bytes=data_bytes(model),
+                  warmpod_args=list(args.warmpod_arg))
+        servers: list[str] = []
+        if any(t.path == "s3" for t in tools):
+            s3 = stack.enter_context(SeaweedS3(root))
+            s3.create_bucket(BUCKET)
+            t0 = time.perf_counter()
+            s3.upload_file(model, BUCKET, S3_KEY)
+            log(f"SeaweedFS {s3.version} at {s3.endpoint}; uploaded in {time.perf_counter() - t0:.1f}s")
+            ctx.s3_uri, ctx.s3_env = f"s3://{BUCKET}/{S3_KEY}", s3.env()
+            servers.append(f"SeaweedFS {s3.version} (`weed server -filer -s3`, single process, data on "
+                           f"{fs_of(root)} root disk, path-style S3, one access key)")
+        if any(t.path == "http" for t in tools):
+            web = stack.enter_context(NginxStatic(root, model_dir))
+            ctx.http_url = f"{web.url}/{MODEL_FILE}"
+            servers.append(f"nginx {web.version} (2 workers, sendfile on, access_log off)")
+        t = read_fully(model)
+        log(f"source warmed: read {ctx.model_bytes / GiB:.2f} GiB in {t:.2f}s")
+        log(f"running {len(tools)} tools x ({args.reps} reps + 1 warm-up): {', '.join(x.key for x in tools)}")
+        results = run_all(tools, ctx, shm_root, args.reps, timeout_s)
+
+    meta = Meta(
+        command=command_line(argv),
+        date=started.strftime("%Y-%m-%d %H:%M UTC"),
+        machine=machine_notes(),
+        model=model_desc,
+        servers="; ".join(servers) or "none (local only)",
+        notes=[
+            "Source page cache warm for every tool (model file read fully once before timing); one uncounted "
+            "warm-up round (also spot-checks copies against the source), then interleaved rounds with the "
+            "order rotated each round; each run writes a fresh dir on /dev/shm that is deleted right after.",
+            "Times are wall-clock per process (spawn to exit, interpreter and imports included); "
+            "\"in-proc s\" is the tool's own timer (warmpod's JSON `seconds`, the Python baselines' work "
+            "after imports). MiB/s = model file size / median wall time. \"vs ref\" = this tool's speed ÷ "
+            "the path's reference (local: cp, s3: runai + write, http: curl); \"warmpod ÷ this\" = how many "
+            "times faster warmpod is than this tool.",
+            "Threads: OMP_NUM_THREADS=MKL_NUM_THREADS=1 for every child and torch.set_num_threads(1) in the "
+            "torch-based tools; I/O concurrency at each tool's default"
+            + (f"; warmpod extra args: `{' '.join(ctx.warmpod_args)}`" if ctx.warmpod_args else "")
+            + ". runai env: AWS_ENDPOINT_URL, AWS_EC2_METADATA_DISABLED=true, "
+            "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING=0.",
+            *notes,
+        ],
+    )
+    table = results_table(results, ctx.model_bytes)
+    goals = goal_lines(results)
+    png = plot(results, ctx.model_bytes, Path(args.png),
+               f"{ctx.model_bytes / GiB:.2f} GiB model → /dev/shm, {os.cpu_count()} cores, "
+               f"median of {args.reps}") if args.png else None
+    print(table)
+    print()
+    print("\n".join(goals))
+    if args.out:
+        update_section(Path(args.out), markdown_section(meta, table, goals, png))
+        log(f"updated {args.out}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({
+            "meta": asdict(meta),
+            "model_bytes": ctx.model_bytes,
+            "results": {k: {"samples": [asdict(s) for s in r.samples], "error": r.error} for k, r in results.items()},
+        }, indent=2))
+    return 0 if all(r.samples for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

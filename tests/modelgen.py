@@ -1,0 +1,72 @@
+"""Small generated models for tests: real safetensors files, sharded directories, and deliberately broken ones."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+
+def tensors(seed: int = 0, scale: int = 1) -> dict[str, np.ndarray]:
+    """A handful of tensors of mixed dtypes; `scale` multiplies the big one's rows (~64 KiB per unit)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "embed.weight": rng.standard_normal((128 * scale, 128), dtype=np.float32),
+        "layer.0.weight": rng.standard_normal((64, 64)).astype(np.float16),
+        "layer.0.bias": rng.standard_normal(64).astype(np.float64),
+        "positions": np.arange(512, dtype=np.int64),
+        "mask": rng.integers(0, 2, 100).astype(np.bool_),
+        "scalar": np.array(3.5, dtype=np.float32),
+    }
+
+
+def write_model(path: Path, seed: int = 0, scale: int = 1) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors(seed, scale), str(path), metadata={"format": "np"})
+    return path
+
+
+def write_model_dir(root: Path, seed: int = 0, scale: int = 1, shards: int = 1) -> Path:
+    """An HF-style directory: weights (sharded with an index when shards > 1) plus small companion files."""
+    root.mkdir(parents=True, exist_ok=True)
+    all_tensors = tensors(seed, scale)
+    if shards == 1:
+        save_file(all_tensors, str(root / "model.safetensors"))
+    else:
+        names = sorted(all_tensors)
+        weight_map = {}
+        for i in range(shards):
+            shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: all_tensors[n] for n in names[i::shards]}
+            save_file(part, str(root / shard))
+            weight_map.update(dict.fromkeys(part, shard))
+        (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (root / "config.json").write_text(json.dumps({"model_type": "test", "seed": seed}))
+    (root / "tokenizer").mkdir(exist_ok=True)
+    (root / "tokenizer" / "vocab.txt").write_text("a\nb\nc\n")
+    return root
+
+
+def raw_safetensors(header: dict[str, Any] | bytes, data: bytes = b"", declared_len: int | None = None) -> bytes:
+    """File bytes for any header (a dict is JSON-encoded as is, so broken headers are easy to build)."""
+    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+    n = len(blob) if declared_len is None else declared_len
+    return struct.pack("<Q", n) + blob + data
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under root (to compare a staged version with its source)."""
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
