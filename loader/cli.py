@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -94,16 +95,22 @@ class CliEvents(LoadEvents):
 
     def __init__(self, metrics: LoaderMetrics, stream: TextIO) -> None:
         self.metrics, self.stream = metrics, stream
+        self.tty = stream.isatty()  # a person is watching: a progress bar, no JSON lines
         self.bar: tqdm[Any] | None = None
+        self.last_version: str | None = None  # a watching sidecar logs a version once, not every poll
 
     def log(self, event: str, **fields: Any) -> None:
-        if self.bar is None:
+        if not self.tty:
             record = {"ts": round(time.time(), 3), "event": event, **fields}
             print(json.dumps(record), file=self.stream, flush=True)
 
     def started(self, uri: str, model: str, files: list[SourceFile], to_copy: int) -> None:
-        if self.stream.isatty() and to_copy:
-            self.bar = tqdm(total=to_copy, unit="B", unit_scale=True, unit_divisor=1024, desc=model, file=self.stream)
+        if self.tty and to_copy:
+            self.bar = tqdm(
+                total=to_copy, unit="B", unit_scale=True, unit_divisor=1024, desc=model, file=self.stream,
+                # A bare pty reports 0x0, which tqdm takes as "no room" and prints nothing; this falls back to 80x24.
+                ncols=shutil.get_terminal_size().columns, nrows=shutil.get_terminal_size().lines,
+            )
         self.log("load_started", source=redact(uri), model=model, files=len(files), bytes_to_copy=to_copy)
 
     def bytes_done(self, n: int) -> None:
@@ -128,7 +135,9 @@ class CliEvents(LoadEvents):
             if result.bytes and result.seconds > 0:
                 self.metrics.throughput.set(result.bytes / result.seconds)
         self.metrics.current.info({"model": result.model, "version": result.version, "digest": result.digest})
-        self.log("published" if not result.reused else "unchanged", **result.to_json())
+        if result.version != self.last_version:
+            self.log("published" if not result.reused else "unchanged", **result.to_json())
+        self.last_version = result.version
 
     def failed(self, error: LoaderError) -> None:
         if self.bar is not None:
@@ -179,6 +188,8 @@ async def run(req: LoadRequest, watch: float | None, port: int | None, host: str
                 if watch is None or isinstance(e, UsageError):
                     raise
                 events.failed(e)  # a watching sidecar keeps serving what is published and tries again
+                if events.tty:
+                    print(f"warmpod load: error: {e} (trying again in {watch:g} s)", file=sys.stderr)
             else:
                 events.finished(result)
                 if watch is None:

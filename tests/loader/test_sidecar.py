@@ -1,0 +1,156 @@
+"""`warmpod load --watch --port`: the native-sidecar mode, its HTTP endpoints, signals and the terminal UI."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.cliutil import cli_env, load_cmd
+from tests.modelgen import write_model_dir
+from tests.servers import free_port
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except (urllib.error.URLError, ConnectionError):
+        return 0, ""  # not listening yet
+
+
+def wait_for(predicate: object, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def metric_samples(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+@pytest.fixture
+def sidecar(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path, Path]]:
+    src = write_model_dir(tmp_path / "src")
+    store = tmp_path / "store"
+    port = free_port()
+    proc = subprocess.Popen(
+        load_cmd(src, "--model", "m", "--store", store, "--watch", "0.2", "--port", str(port)),
+        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )
+    try:
+        yield proc, f"http://127.0.0.1:{port}", src, store
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def test_watching_sidecar_serves_health_ready_metrics_and_publishes_new_versions(
+    sidecar: tuple[subprocess.Popen[str], str, Path, Path],
+) -> None:
+    proc, base, src, store = sidecar
+    wait_for(lambda: get(f"{base}/ready")[0] == 200, what="/ready")
+    assert get(f"{base}/healthz") == (200, json.dumps({"status": "alive"}))
+    status, body = get(f"{base}/ready")
+    assert json.loads(body) == {"ready": True, "model": "m", "version": "1"}
+
+    samples = metric_samples(get(f"{base}/metrics")[1])
+    assert samples["warmpod_loader_published_versions_total"] == 1
+    total = sum((src / p).stat().st_size for p in ("model.safetensors", "config.json", "tokenizer/vocab.txt"))
+    assert samples["warmpod_loader_bytes_total"] == total
+    assert samples["warmpod_loader_load_duration_seconds_count"] == 1
+    assert samples["warmpod_loader_throughput_bytes_per_second"] > 0
+    digest = json.loads((store / "m" / "current" / "manifest.json").read_text())["source"]["digest"]
+    assert samples[f"warmpod_loader_current_version_info{{digest={digest},model=m,version=1}}"] == 1
+
+    write_model_dir(src, seed=7)  # a new upload: the watcher must publish version 2
+    wait_for(lambda: json.loads(get(f"{base}/ready")[1]).get("version") == "2", what="version 2")
+    samples = metric_samples(get(f"{base}/metrics")[1])
+    assert samples["warmpod_loader_published_versions_total"] == 2
+    assert os.readlink(store / "m" / "current") == "versions/2"
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    events = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]  # type: ignore[union-attr]
+    kinds = [e["event"] for e in events]
+    assert kinds.count("published") == 2 and kinds[-1] == "stopped"
+    assert "unchanged" not in kinds  # polls that find nothing new stay quiet
+
+
+def test_ready_is_503_until_a_version_exists_and_errors_are_counted(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    missing = tmp_path / "not-yet"
+    port = free_port()
+    proc = subprocess.Popen(
+        load_cmd(missing, "--model", "m", "--store", store, "--watch", "0.2", "--port", str(port)),
+        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _errors(base) >= 2, what="two failed polls")
+        assert get(f"{base}/ready")[0] == 503
+        assert get(f"{base}/healthz")[0] == 200  # alive: a missing source is not a reason to restart
+        write_model_dir(missing)
+        wait_for(lambda: get(f"{base}/ready")[0] == 200, what="/ready after the source appears")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def _errors(base: str) -> float:
+    return metric_samples(get(f"{base}/metrics")[1]).get("warmpod_loader_errors_total{kind=not_found}", 0)
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    src = write_model_dir(tmp_path / "src", scale=16)
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        load_cmd(src, "--model", "m", "--store", tmp_path / "store"),
+        env=cli_env(), stdout=subprocess.PIPE, stderr=secondary, stdin=subprocess.DEVNULL, text=True,
+    )
+    os.close(secondary)
+    screen = b""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([primary], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            screen += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(primary)
+    assert proc.wait(10) == 0
+    text = screen.decode(errors="replace")
+    assert "100%" in text and "m:" in text  # tqdm's bar, labelled with the model
+    assert '"event"' not in text  # no JSON lines on a terminal
+    assert json.loads(proc.stdout.read())["version"] == "1"  # type: ignore[union-attr]
