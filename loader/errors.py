@@ -56,6 +56,10 @@ class TransientError(LoaderError):
     kind = "transient"
 
 
+class ShortRead(TransientError):
+    """A range came back shorter than asked (or 416): retried, after checking the source did not change."""
+
+
 class StoreBusy(LoaderError):
     exit_code = 9
     kind = "busy"

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hashlib
+import http.client
 import json
 import os
 import posixpath
@@ -22,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import fsspec
 
-from loader.errors import AccessDenied, LoaderError, SourceNotFound, TransientError, UsageError
+from loader.errors import AccessDenied, LoaderError, ShortRead, SourceNotFound, TransientError, UsageError
 
 # Files a model directory may carry besides its weights; anything larger than this is not "small".
 MAX_AUX_FILE_BYTES = 64 << 20
@@ -148,7 +150,7 @@ class Source:
                 "the server ignores HTTP Range requests; use a server that supports them"
             )
         if len(data) < length:
-            raise TransientError(
+            raise ShortRead(
                 f"{redact(self.uri)}: {f.rel}: short read: {len(data)} of {length} bytes at offset {offset}"
             )
         return bytes(data)
@@ -253,13 +255,15 @@ async def _list_files(source: Source, path: str) -> list[SourceFile]:
         info = None  # an HTTP "directory" often has no page of its own
     except Exception as e:
         raise classify(e, uri) from e
-    if info is not None and info.get("type") == "file":
+    # Over HTTP a directory is a page: fsspec calls it a file, its listing is the page's links.
+    is_page = info is not None and str(info.get("mimetype", "")).startswith("text/html")
+    if info is not None and info.get("type") == "file" and not is_page:
         if not path.endswith(".safetensors"):
             select_files({posixpath.basename(path): info}, uri)  # raises the right error for a lone pickle
             raise UsageError(f"{uri}: a single-file source must be a .safetensors file")
         return [SourceFile(posixpath.basename(path), path, int(info["size"]), file_identity(info))]
 
-    entries = await _listing(source, path, info is not None)
+    entries = await _listing(source, path, exists=info is not None)
     if INDEX_FILE in entries:
         await _check_index(source, path, entries)
     chosen = select_files(entries, uri)
@@ -299,6 +303,13 @@ async def _listing(source: Source, path: str, exists: bool) -> dict[str, dict[st
                 continue
             except Exception as e:
                 raise classify(e, f"{uri}/{rel}") from e
+    # HTTP listings carry names only: ask each file for its size and ETag (HEAD requests, concurrently).
+    unsized = [rel for rel, info in entries.items() if info.get("size") is None]
+    infos = await asyncio.gather(*(source._info(_join(fs, path, rel)) for rel in unsized), return_exceptions=True)
+    for rel, info in zip(unsized, infos, strict=True):
+        if isinstance(info, BaseException):
+            raise classify(info, f"{uri}/{rel}") from info
+        entries[rel] = info
     if not entries:
         if not exists:
             raise SourceNotFound(f"{uri}: not found")
@@ -329,6 +340,20 @@ async def _check_index(source: Source, path: str, entries: dict[str, dict[str, A
             raise classify(e, f"{uri}/{shard}") from e
 
 
+@functools.cache
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """Network-level failures of any backend: resets, timeouts, truncated bodies."""
+    errors: list[type[BaseException]] = [OSError, asyncio.TimeoutError, aiohttp.ClientError, http.client.HTTPException]
+    try:  # botocore (under s3fs) has its own hierarchy, outside OSError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+        errors += [BotoConnectionError, HTTPClientError, IncompleteReadError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 # Errors from fsspec backends → ours. Anything not clearly permanent is worth a retry.
 _PERMANENT_HTTP = {400: "bad request", 401: "unauthorized", 403: "access denied", 404: "not found", 410: "gone"}
 
@@ -346,11 +371,13 @@ def classify(exc: BaseException, where: str) -> LoaderError:
             return AccessDenied(f"{where}: access denied (HTTP {exc.status})")
         if exc.status in (404, 410):
             return SourceNotFound(f"{where}: not found (HTTP {exc.status})")
-        if exc.status in _PERMANENT_HTTP or exc.status == 416:
+        if exc.status == 416:
+            return ShortRead(f"{where}: short read: range not satisfiable (HTTP 416)")
+        if exc.status in _PERMANENT_HTTP:
             return LoaderError(f"{where}: HTTP {exc.status} {exc.message}")
         return TransientError(f"{where}: HTTP {exc.status} {exc.message}")
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EISDIR, errno.ENOTDIR):
         return LoaderError(f"{where}: {exc}")
-    if isinstance(exc, (OSError, asyncio.TimeoutError, TimeoutError, aiohttp.ClientError, ConnectionError)):
+    if isinstance(exc, _transient_errors()):
         return TransientError(f"{where}: {type(exc).__name__}: {exc}")
     return LoaderError(f"{where}: {type(exc).__name__}: {exc}")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from loader.errors import IntegrityError, TransientError, first_error
+from loader.errors import IntegrityError, ShortRead, TransientError, first_error
 from loader.plan import DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY, DEFAULT_MAX_BUFFER_BYTES, RetryPolicy, plan_ranges
 from loader.sources import Source, SourceFile, redact
 
@@ -80,7 +80,7 @@ class Streamer:
             try:
                 return await attempt_fn()
             except TransientError as e:
-                if "short read" in str(e):
+                if isinstance(e, ShortRead):
                     await self.check_unchanged(f)
                 if attempt == policy.attempts:
                     raise TransientError(f"{e} (gave up after {policy.attempts} attempts)") from e
@@ -143,7 +143,7 @@ class Streamer:
             async with self.io_slots:
                 copied = await self.run(_sendfile_range, f.path, dest, offset, length)
             if copied < length:
-                raise TransientError(f"{f.rel}: short read: {copied} of {length} bytes at offset {offset}")
+                raise ShortRead(f"{f.rel}: short read: {copied} of {length} bytes at offset {offset}")
 
         await self.with_retries(f, f"bytes {offset}-{offset + length - 1}", attempt)
 

