@@ -33,24 +33,28 @@ def filesystem_room(path: Path) -> Room:
 
 
 def cgroup_room(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_self: Path = Path("/proc/self/cgroup")) -> Room | None:
-    """Room under this process's memory cgroup limit (v2 or v1), or None when there is no limit."""
-    for limit_path, usage_path in _limit_files(cgroup_root, proc_self):
-        if not limit_path.is_file():
-            continue
+    """Room under the tightest memory limit of this process's cgroup and its ancestors (v2 or v1); None if
+    no limit is set anywhere. Ancestors count: a pod's limit often sits on the pod cgroup, not the container's."""
+    rooms = [room for limit, usage in _limit_files(cgroup_root, proc_self) if (room := _room(limit, usage))]
+    return min(rooms, key=lambda r: r.available, default=None)
+
+
+def _room(limit_path: Path, usage_path: Path) -> Room | None:
+    try:
         raw = limit_path.read_text().strip()
         if raw == "max" or int(raw) >= _UNLIMITED:
             return None
         limit, usage = int(raw), int(usage_path.read_text().strip())
-        return Room(
-            max(0, limit - usage),
-            f"cgroup memory limit {limit_path}: {human_bytes(limit)}, {human_bytes(usage)} in use",
-        )
-    return None
+    except (OSError, ValueError):
+        return None
+    return Room(
+        max(0, limit - usage), f"cgroup memory limit {limit_path}: {human_bytes(limit)}, {human_bytes(usage)} in use"
+    )
 
 
 def _limit_files(cgroup_root: Path, proc_self: Path) -> list[tuple[Path, Path]]:
-    """Where this process's memory limit may be: its own cgroup (from /proc/self/cgroup), then the root of a
-    namespaced cgroup tree (what a container sees); v2 files before v1."""
+    """Every (limit, usage) file pair that may bound this process: its cgroup from /proc/self/cgroup and each
+    ancestor up to the root of the tree it sees (in a container with a cgroup namespace, that root is its own)."""
     v2, v1 = "/", "/"
     try:
         for line in proc_self.read_text().splitlines():
@@ -61,13 +65,16 @@ def _limit_files(cgroup_root: Path, proc_self: Path) -> list[tuple[Path, Path]]:
                 v1 = path
     except (OSError, ValueError):
         pass
+    pairs = [(cgroup_root / d / "memory.max", cgroup_root / d / "memory.current") for d in _ancestors(v2)]
     v1_root = cgroup_root / "memory"
-    return [
-        (cgroup_root / v2.lstrip("/") / "memory.max", cgroup_root / v2.lstrip("/") / "memory.current"),
-        (cgroup_root / "memory.max", cgroup_root / "memory.current"),
-        (v1_root / v1.lstrip("/") / "memory.limit_in_bytes", v1_root / v1.lstrip("/") / "memory.usage_in_bytes"),
-        (v1_root / "memory.limit_in_bytes", v1_root / "memory.usage_in_bytes"),
-    ]
+    pairs += [(v1_root / d / "memory.limit_in_bytes", v1_root / d / "memory.usage_in_bytes") for d in _ancestors(v1)]
+    return pairs
+
+
+def _ancestors(path: str) -> list[str]:
+    """'/a/b' → ['a/b', 'a', '']: the cgroup itself first, the root last."""
+    parts = [p for p in path.split("/") if p]
+    return ["/".join(parts[:i]) for i in range(len(parts), -1, -1)]
 
 
 def check_room(needed: int, rooms: list[Room]) -> None:

@@ -102,8 +102,6 @@ def parse_header(header_bytes: bytes, file: str, file_size: int | None = None) -
         raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise InvalidModel(f"{file}: header is not JSON: {e.msg} at position {e.pos}") from None
-    if not isinstance(raw, dict):
-        raise InvalidModel(f"{file}: header is not a JSON object")
 
     metadata = _metadata(raw.pop("__metadata__", {}), file)
     tensors = sorted((_tensor(name, spec, file) for name, spec in raw.items()), key=lambda t: (t.begin, t.end))
@@ -131,7 +129,7 @@ def _tensor(name: str, spec: Any, file: str) -> TensorInfo:
     if not isinstance(spec, dict):
         raise InvalidModel(f"{file}: tensor {name!r}: entry must be an object with dtype, shape, data_offsets")
     dtype = spec.get("dtype")
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise InvalidModel(f"{file}: tensor {name!r}: unknown dtype {dtype!r}")
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):

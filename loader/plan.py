@@ -51,7 +51,7 @@ class RetryPolicy:
         return rng.uniform(0, cap)
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i?))?B?\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
@@ -59,7 +59,7 @@ def parse_size(text: str) -> int:
     m = _SIZE.match(text)
     if not m:
         raise ValueError(f"not a size: {text!r} (examples: 4096, 16MiB, 1GiB)")
-    number, unit = float(m.group(1)), m.group(2).upper()
+    number, unit = float(m.group(1)), (m.group(2) or "").upper()
     return int(number * (1 << (10 * " KMGT".index(unit or " "))))
 
 

@@ -70,10 +70,7 @@ def redact(uri: str) -> str:
     parts = urlsplit(uri)
     if not parts.scheme or len(parts.scheme) == 1:
         return uri
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def file_identity(info: dict[str, Any]) -> dict[str, str]:
@@ -109,7 +106,7 @@ def select_files(entries: dict[str, dict[str, Any]], uri: str) -> list[str]:
         rel
         for rel, info in entries.items()
         if not rel.endswith((".safetensors", *SKIPPED_SUFFIXES))
-        and not posixpath.basename(rel).startswith(".")
+        and not any(part.startswith(".") for part in rel.split("/"))  # .git/, .cache/huggingface/, ...
         and int(info.get("size") or 0) <= MAX_AUX_FILE_BYTES
     )
     return weights + aux
