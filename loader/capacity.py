@@ -48,7 +48,8 @@ def _room(limit_path: Path, usage_path: Path) -> Room | None:
     except (OSError, ValueError):
         return None
     return Room(
-        max(0, limit - usage), f"cgroup memory limit {limit_path}: {human_bytes(limit)}, {human_bytes(usage)} in use"
+        max(0, limit - usage),
+        f"cgroup memory limit {limit_path}: {human_bytes(limit)}, {human_bytes(usage)} in use",
     )
 
 

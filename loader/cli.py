@@ -50,20 +50,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="local path, s3://, gs://, az:// or http(s):// URL of a .safetensors file or dir")
     p.add_argument("--model", required=True, help="model name in the store")
     p.add_argument(
-        "--store", type=Path, default=Path(os.environ.get("WARMPOD_STORE", DEFAULT_ROOT)),
+        "--store",
+        type=Path,
+        default=Path(os.environ.get("WARMPOD_STORE", DEFAULT_ROOT)),
         help=f"store root (default $WARMPOD_STORE or {DEFAULT_ROOT})",
     )
-    p.add_argument("--sha256", action="append", default=[], metavar="FILE=HEX",
-                   help="pin a file's sha256 (computed while streaming); repeatable")
-    p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
-                   help=f"range requests in flight (default {DEFAULT_CONCURRENCY})")
-    p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE,
-                   help="bytes per range request, e.g. 16MiB (default 16MiB)")
-    p.add_argument("--max-buffer", type=_size, default=DEFAULT_MAX_BUFFER_BYTES,
-                   help="most bytes of range data held in memory at once (default 256MiB)")
+    p.add_argument(
+        "--sha256",
+        action="append",
+        default=[],
+        metavar="FILE=HEX",
+        help="pin a file's sha256 (computed while streaming); repeatable",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        help=f"range requests in flight (default {DEFAULT_CONCURRENCY})",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=_size,
+        default=DEFAULT_CHUNK_SIZE,
+        help="bytes per range request, e.g. 16MiB (default 16MiB)",
+    )
+    p.add_argument(
+        "--max-buffer",
+        type=_size,
+        default=DEFAULT_MAX_BUFFER_BYTES,
+        help="most bytes of range data held in memory at once (default 256MiB)",
+    )
     p.add_argument("--keep", type=int, default=2, help="published versions to keep (default 2)")
-    p.add_argument("--watch", type=float, metavar="SECONDS",
-                   help="keep running: poll the source every SECONDS and publish new versions")
+    p.add_argument(
+        "--watch",
+        type=float,
+        metavar="SECONDS",
+        help="keep running: poll the source every SECONDS and publish new versions",
+    )
     p.add_argument("--port", type=int, help="serve /healthz, /ready and /metrics on this port")
     p.add_argument("--host", default="127.0.0.1", help="address for --port (default 127.0.0.1)")
     return p
@@ -85,8 +108,13 @@ def parse_request(args: argparse.Namespace) -> LoadRequest:
     except ValueError as e:
         raise UsageError(str(e)) from None
     return LoadRequest(
-        uri=args.source, model=check_model_name(args.model), root=args.store, sha256=pins, settings=settings,
-        keep=args.keep, cgroup_root=Path(os.environ.get("WARMPOD_CGROUP_ROOT", "/sys/fs/cgroup")),
+        uri=args.source,
+        model=check_model_name(args.model),
+        root=args.store,
+        sha256=pins,
+        settings=settings,
+        keep=args.keep,
+        cgroup_root=Path(os.environ.get("WARMPOD_CGROUP_ROOT", "/sys/fs/cgroup")),
     )
 
 
@@ -107,9 +135,15 @@ class CliEvents(LoadEvents):
     def started(self, uri: str, model: str, files: list[SourceFile], to_copy: int) -> None:
         if self.tty and to_copy:
             self.bar = tqdm(
-                total=to_copy, unit="B", unit_scale=True, unit_divisor=1024, desc=model, file=self.stream,
+                total=to_copy,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=model,
+                file=self.stream,
                 # A bare pty reports 0x0, which tqdm takes as "no room" and prints nothing; this falls back to 80x24.
-                ncols=shutil.get_terminal_size().columns, nrows=shutil.get_terminal_size().lines,
+                ncols=shutil.get_terminal_size().columns,
+                nrows=shutil.get_terminal_size().lines,
             )
         self.log("load_started", source=redact(uri), model=model, files=len(files), bytes_to_copy=to_copy)
 

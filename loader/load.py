@@ -123,8 +123,13 @@ async def _load_locked(req: LoadRequest, source: Source, events: LoadEvents, sta
             point_current(req.root, req.model, existing)
         clean_staging(req.root, req.model)
         return LoadResult(
-            req.model, existing, model_dir(req.root, req.model) / "versions" / existing, digest, 0,
-            time.monotonic() - started, reused=True,
+            req.model,
+            existing,
+            model_dir(req.root, req.model) / "versions" / existing,
+            digest,
+            0,
+            time.monotonic() - started,
+            reused=True,
         )
 
     sdir = staging_dir(req.root, req.model, digest)
@@ -190,8 +195,13 @@ async def _stage_and_publish(
     version = publish_version(req.root, req.model, sdir, manifest)
     gc_versions(req.root, req.model, req.keep)
     return LoadResult(
-        req.model, version, model_dir(req.root, req.model) / "versions" / version, digest, needed,
-        time.monotonic() - started, reused=False,
+        req.model,
+        version,
+        model_dir(req.root, req.model) / "versions" / version,
+        digest,
+        needed,
+        time.monotonic() - started,
+        reused=False,
     )
 
 
@@ -276,7 +286,7 @@ def _read_index(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise InvalidModel(f"{INDEX_FILE}: not valid JSON ({e})") from None
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-        raise InvalidModel(f"{INDEX_FILE}: must be an object with a \"weight_map\" object")
+        raise InvalidModel(f'{INDEX_FILE}: must be an object with a "weight_map" object')
     return index
 
 

@@ -9,6 +9,7 @@ endpoints come from each library's standard environment/config (for S3: AWS_* va
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import hashlib
@@ -48,7 +49,16 @@ HTTP_PROBE_FILES = (
     "warmpod.json",
 )
 # Keys of fsspec's `info()` that change when an object's content changes, per backend.
-IDENTITY_KEYS = ("ETag", "etag", "VersionId", "generation", "md5Hash", "mtime", "LastModified", "last_modified")
+IDENTITY_KEYS = (
+    "ETag",
+    "etag",
+    "VersionId",
+    "generation",
+    "md5Hash",
+    "mtime",
+    "LastModified",
+    "last_modified",
+)
 
 
 @dataclass(frozen=True)
@@ -185,10 +195,8 @@ def _protocols(fs: Any) -> tuple[str, ...]:
 
 
 def _invalidate(fs: Any) -> None:
-    try:
+    with contextlib.suppress(Exception):  # a filesystem without a cache has nothing to invalidate
         fs.invalidate_cache()
-    except Exception:  # noqa: S110 - a filesystem without a cache has nothing to invalidate
-        pass
 
 
 def _pread_all(path: str, offset: int, length: int) -> bytes:
@@ -279,8 +287,10 @@ async def _listing(source: Source, path: str, exists: bool) -> dict[str, dict[st
     is_http = bool({"http", "https"} & set(_protocols(fs)))
     if exists:
         try:
-            found = await fs._find(path, detail=True) if fs.async_impl else await asyncio.to_thread(
-                fs.find, path, detail=True
+            found = (
+                await fs._find(path, detail=True)
+                if fs.async_impl
+                else await asyncio.to_thread(fs.find, path, detail=True)
             )
         except FileNotFoundError:
             found = {}
@@ -340,7 +350,12 @@ async def _check_index(source: Source, path: str, entries: dict[str, dict[str, A
 @functools.cache
 def _transient_errors() -> tuple[type[BaseException], ...]:
     """Network-level failures of any backend: resets, timeouts, truncated bodies."""
-    errors: list[type[BaseException]] = [OSError, asyncio.TimeoutError, aiohttp.ClientError, http.client.HTTPException]
+    errors: list[type[BaseException]] = [
+        OSError,
+        asyncio.TimeoutError,
+        aiohttp.ClientError,
+        http.client.HTTPException,
+    ]
     try:  # botocore (under s3fs) has its own hierarchy, outside OSError
         from botocore.exceptions import ConnectionError as BotoConnectionError
         from botocore.exceptions import HTTPClientError, IncompleteReadError
@@ -352,7 +367,13 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 
 
 # Errors from fsspec backends → ours. Anything not clearly permanent is worth a retry.
-_PERMANENT_HTTP = {400: "bad request", 401: "unauthorized", 403: "access denied", 404: "not found", 410: "gone"}
+_PERMANENT_HTTP = {
+    400: "bad request",
+    401: "unauthorized",
+    403: "access denied",
+    404: "not found",
+    410: "gone",
+}
 
 
 def classify(exc: BaseException, where: str) -> LoaderError:

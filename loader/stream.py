@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from loader.errors import IntegrityError, ShortRead, TransientError, first_error
-from loader.plan import DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY, DEFAULT_MAX_BUFFER_BYTES, RetryPolicy, plan_ranges
+from loader.plan import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_BUFFER_BYTES,
+    RetryPolicy,
+    plan_ranges,
+)
 from loader.sources import Source, SourceFile, redact
 
 T = TypeVar("T")
@@ -122,7 +128,14 @@ class Streamer:
             os.close(fd)
 
     async def _copy_range(
-        self, f: SourceFile, fd: int, dest: Path, index: int, offset: int, length: int, hasher: _OrderedHasher | None
+        self,
+        f: SourceFile,
+        fd: int,
+        dest: Path,
+        index: int,
+        offset: int,
+        length: int,
+        hasher: _OrderedHasher | None,
     ) -> None:
         try:
             if self.source.is_local and hasher is None:

@@ -23,9 +23,16 @@ def load_cmd(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "warmpod", "load", *map(str, args)]
 
 
-def run_load(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_load(
+    *args: str | Path, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        load_cmd(*args), env=cli_env(env), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        load_cmd(*args),
+        env=cli_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
     )
 
 

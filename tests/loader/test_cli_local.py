@@ -72,8 +72,21 @@ def test_pinned_sha256_is_checked_while_streaming(tmp_path: Path) -> None:
     src = write_model(tmp_path / "src" / "model.safetensors", scale=20)
     store = tmp_path / "store"
     good = sha256_file(src)
-    result_json(run_load(src, "--model", "m", "--store", store, "--sha256", f"model.safetensors={good}",
-                         "--chunk-size", "16KiB", "--concurrency", "4"))
+    result_json(
+        run_load(
+            src,
+            "--model",
+            "m",
+            "--store",
+            store,
+            "--sha256",
+            f"model.safetensors={good}",
+            "--chunk-size",
+            "16KiB",
+            "--concurrency",
+            "4",
+        )
+    )
     manifest = json.loads((store / "m" / "current" / "manifest.json").read_text())
     assert manifest["files"][0]["sha256"] == good
 
@@ -91,8 +104,11 @@ def test_pinned_sha256_mismatch_names_expected_and_actual(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(
     ("pin", "message"),
-    [("model.safetensors", "expected FILE=HEX"), ("model.safetensors=abc", "not a sha256"),
-     ("other.safetensors=" + "0" * 64, "not in the source")],
+    [
+        ("model.safetensors", "expected FILE=HEX"),
+        ("model.safetensors=abc", "not a sha256"),
+        ("other.safetensors=" + "0" * 64, "not in the source"),
+    ],
 )
 def test_bad_sha256_flags(tmp_path: Path, pin: str, message: str) -> None:
     src = write_model(tmp_path / "src" / "model.safetensors")
@@ -149,16 +165,20 @@ BAD_FILES = {
     ),
     "overlap": (
         raw_safetensors(
-            {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-             "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
             b"\0" * 12,
         ),
         "offsets overlap",
     ),
     "gap": (
         raw_safetensors(
-            {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-             "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}},
+            {
+                "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]},
+            },
             b"\0" * 12,
         ),
         "hole of 4 bytes",
@@ -189,7 +209,7 @@ def test_previous_version_stays_current_after_a_bad_update(tmp_path: Path) -> No
     result_json(run_load(src, "--model", "m", "--store", store))
     (src / "model.safetensors").write_bytes(raw_safetensors(b"[1, 2]"))
     proc = run_load(src, "--model", "m", "--store", store)
-    assert proc.returncode == 5 and "not JSON" in error_line(proc) or "not a JSON object" in error_line(proc)
+    assert (proc.returncode == 5 and "not JSON" in error_line(proc)) or "not a JSON object" in error_line(proc)
     assert os.readlink(store / "m" / "current") == "versions/1"
     assert [p.name for p in (store / "m" / "versions").iterdir()] == ["1"]
 

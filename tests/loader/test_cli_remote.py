@@ -61,8 +61,14 @@ def test_real_minilm_from_s3_is_byte_identical(
 ) -> None:
     moto_bucket.upload_dir(minilm_dir(), prefix="minilm/")
     store = tmp_path / "store"
-    proc = run_load(moto_bucket.uri("minilm"), "--model", "minilm", "--store", store,
-                    env=moto_env_secret(moto_s3, moto_proxy.endpoint))
+    proc = run_load(
+        moto_bucket.uri("minilm"),
+        "--model",
+        "minilm",
+        "--store",
+        store,
+        env=moto_env_secret(moto_s3, moto_proxy.endpoint),
+    )
     out = result_json(proc)
     expected = {k: v for k, v in tree_digests(minilm_dir()).items() if not k.startswith(".")}
     assert staged_tree(store, "minilm") == expected
@@ -91,8 +97,14 @@ def test_s3_access_denied_fails_fast(
     write_model_dir(tmp_path / "src")
     moto_bucket.upload_dir(tmp_path / "src", prefix="private/")
     moto_proxy.configure(status_for_prefix={f"/{moto_bucket.name}/": 403})
-    proc = run_load(moto_bucket.uri("private"), "--model", "m", "--store", tmp_path / "store",
-                    env=s3_env(moto_s3, moto_proxy.endpoint))
+    proc = run_load(
+        moto_bucket.uri("private"),
+        "--model",
+        "m",
+        "--store",
+        tmp_path / "store",
+        env=s3_env(moto_s3, moto_proxy.endpoint),
+    )
     assert proc.returncode == 4
     assert "access denied" in error_line(proc) and moto_bucket.uri("private") in error_line(proc)
     assert moto_proxy.stats().total <= 4
@@ -106,8 +118,18 @@ def test_flaky_object_store_load_completes_byte_identical(
     moto_bucket.upload_dir(src, prefix="m/")
     moto_proxy.configure(seed=3, fail_fraction=0.25, reset_fraction=0.15)
     store = tmp_path / "store"
-    proc = run_load(moto_bucket.uri("m"), "--model", "m", "--store", store, "--chunk-size", "64KiB",
-                    "--concurrency", "4", env=s3_env(moto_s3, moto_proxy.endpoint))
+    proc = run_load(
+        moto_bucket.uri("m"),
+        "--model",
+        "m",
+        "--store",
+        store,
+        "--chunk-size",
+        "64KiB",
+        "--concurrency",
+        "4",
+        env=s3_env(moto_s3, moto_proxy.endpoint),
+    )
     result_json(proc)
     assert staged_tree(store, "m") == tree_digests(src)
     stats = moto_proxy.stats()
@@ -123,8 +145,14 @@ def test_object_store_that_keeps_failing_gives_up_with_a_clear_error(
     moto_bucket.upload_dir(tmp_path / "src", prefix="m/")
     moto_proxy.configure(fail_fraction=1.0)
     started = time.monotonic()
-    proc = run_load(moto_bucket.uri("m"), "--model", "m", "--store", tmp_path / "store",
-                    env=s3_env(moto_s3, moto_proxy.endpoint))
+    proc = run_load(
+        moto_bucket.uri("m"),
+        "--model",
+        "m",
+        "--store",
+        tmp_path / "store",
+        env=s3_env(moto_s3, moto_proxy.endpoint),
+    )
     assert proc.returncode == 8
     assert "gave up after 5 attempts" in error_line(proc)
     assert moto_proxy.stats().failed == 5  # the header read, retried: bounded attempts, then stop
@@ -155,14 +183,27 @@ def test_http_single_file_with_credentials_in_the_url_is_redacted(
 
 
 def _slow_http_load(
-    tmp_path: Path, http_server: Callable[[Path], RangeHTTPServer], fault_proxy: Callable[..., FaultProxy],
-    delay: float = 0.1, scale: int = 16, shards: int = 1,
+    tmp_path: Path,
+    http_server: Callable[[Path], RangeHTTPServer],
+    fault_proxy: Callable[..., FaultProxy],
+    delay: float = 0.1,
+    scale: int = 16,
+    shards: int = 1,
 ) -> tuple[Path, FaultProxy, list[str]]:
     """A model behind a proxy that delays each range: loads take seconds, so tests can act mid-load."""
     src = write_model_dir(tmp_path / "www" / "model", scale=scale, shards=shards)
     proxy = fault_proxy(http_server(tmp_path / "www").url, delay_s=delay)
-    args = [f"{proxy.endpoint}/model", "--model", "m", "--store", str(tmp_path / "store"),
-            "--chunk-size", "64KiB", "--concurrency", "1"]
+    args = [
+        f"{proxy.endpoint}/model",
+        "--model",
+        "m",
+        "--store",
+        str(tmp_path / "store"),
+        "--chunk-size",
+        "64KiB",
+        "--concurrency",
+        "1",
+    ]
     return src, proxy, args
 
 
@@ -229,7 +270,7 @@ class CurrentReader(threading.Thread):
                     if not all(torch.equal(got[k], v) for k, v in self.expected.items()):
                         self.errors.append("version 1 bytes changed")
                 self.reads += 1
-            except Exception as e:  # noqa: BLE001 - any failure to read is what this test hunts for
+            except Exception as e:
                 self.errors.append(repr(e))
 
 
@@ -254,8 +295,9 @@ def test_sigkill_at_several_points_never_harms_current_and_restart_completes(
             proc.wait(10)
             assert os.readlink(store / "m" / "current") == "versions/1"
         proxy.reset_stats()
-        proc = subprocess.Popen(load_cmd(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen(
+            load_cmd(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr
     finally:
@@ -276,10 +318,21 @@ def test_real_minilm_end_to_end_through_seaweedfs(
 ) -> None:
     seaweed_bucket.upload_dir(minilm_dir(), prefix="models/minilm/")
     store = tmp_path / "store"
-    out = result_json(run_load(seaweed_bucket.uri("models/minilm"), "--model", "minilm", "--store", store,
-                               "--chunk-size", "4MiB", env=s3_env(seaweed_s3)))
+    out = result_json(
+        run_load(
+            seaweed_bucket.uri("models/minilm"),
+            "--model",
+            "minilm",
+            "--store",
+            store,
+            "--chunk-size",
+            "4MiB",
+            env=s3_env(seaweed_s3),
+        )
+    )
     expected = {k: v for k, v in tree_digests(minilm_dir()).items() if not k.startswith(".")}
     assert staged_tree(store, "minilm") == expected
-    again = result_json(run_load(seaweed_bucket.uri("models/minilm"), "--model", "minilm", "--store", store,
-                                 env=s3_env(seaweed_s3)))
+    again = result_json(
+        run_load(seaweed_bucket.uri("models/minilm"), "--model", "minilm", "--store", store, env=s3_env(seaweed_s3))
+    )
     assert again["reused"] and again["version"] == out["version"]

@@ -168,9 +168,7 @@ def test_unexpected_fields() -> None:
     ("dtype", "shape", "span", "needs"),
     [("F32", [2, 3], 20, 24), ("F16", [3], 8, 6), ("I64", [], 4, 8), ("BOOL", [0], 1, 0)],
 )
-def test_offsets_span_must_match_dtype_times_shape(
-    dtype: str, shape: list[int], span: int, needs: int
-) -> None:
+def test_offsets_span_must_match_dtype_times_shape(dtype: str, shape: list[int], span: int, needs: int) -> None:
     rejects(
         {"w": spec(dtype, shape, 0, span)},
         "tensor 'w'",
@@ -178,20 +176,14 @@ def test_offsets_span_must_match_dtype_times_shape(
     )
 
 
-@pytest.mark.parametrize(
-    ("dtype", "shape"), [("F4", [3]), ("F4", [1, 5]), ("F6_E2M3", [2]), ("F6_E3M2", [3])]
-)
+@pytest.mark.parametrize(("dtype", "shape"), [("F4", [3]), ("F4", [1, 5]), ("F6_E2M3", [2]), ("F6_E3M2", [3])])
 def test_sub_byte_dtypes_must_fill_whole_bytes(dtype: str, shape: list[int]) -> None:
     rejects({"w": spec(dtype, shape, 0, 1)}, "tensor 'w'", "does not fill whole bytes")
 
 
-@pytest.mark.parametrize(
-    ("dtype", "shape", "nbytes"), [("F4", [4], 2), ("F4", [2, 3], 3), ("F6_E2M3", [4], 3)]
-)
+@pytest.mark.parametrize(("dtype", "shape", "nbytes"), [("F4", [4], 2), ("F4", [2, 3], 3), ("F6_E2M3", [4], 3)])
 def test_sub_byte_dtypes_that_fill_whole_bytes(dtype: str, shape: list[int], nbytes: int) -> None:
-    header = parse(
-        {"w": spec(dtype, shape, 0, nbytes)}, 8 + len(encode({"w": spec(dtype, shape, 0, nbytes)})) + nbytes
-    )
+    header = parse({"w": spec(dtype, shape, 0, nbytes)}, 8 + len(encode({"w": spec(dtype, shape, 0, nbytes)})) + nbytes)
     assert header.tensors == (TensorInfo("w", dtype, tuple(shape), 0, nbytes),)
 
 

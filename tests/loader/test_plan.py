@@ -133,9 +133,7 @@ def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize(
-    "text", ["", "  ", "abc", "MiB", "-1", "1.5.5", "16XB", "16 MiB extra", "1e3", "0x10"]
-)
+@pytest.mark.parametrize("text", ["", "  ", "abc", "MiB", "-1", "1.5.5", "16XB", "16 MiB extra", "1e3", "0x10"])
 def test_parse_size_refuses_what_is_not_a_size(text: str) -> None:
     with pytest.raises(ValueError) as info:
         parse_size(text)

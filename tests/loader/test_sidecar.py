@@ -57,7 +57,11 @@ def sidecar(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path, 
     port = free_port()
     proc = subprocess.Popen(
         load_cmd(src, "--model", "m", "--store", store, "--watch", "0.2", "--port", str(port)),
-        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
     )
     try:
         yield proc, f"http://127.0.0.1:{port}", src, store
@@ -73,7 +77,7 @@ def test_watching_sidecar_serves_health_ready_metrics_and_publishes_new_versions
     proc, base, src, store = sidecar
     wait_for(lambda: get(f"{base}/ready")[0] == 200, what="/ready")
     assert get(f"{base}/healthz") == (200, json.dumps({"status": "alive"}))
-    status, body = get(f"{base}/ready")
+    _, body = get(f"{base}/ready")
     assert json.loads(body) == {"ready": True, "model": "m", "version": "1"}
 
     samples = metric_samples(get(f"{base}/metrics")[1])
@@ -105,7 +109,11 @@ def test_ready_is_503_until_a_version_exists_and_errors_are_counted(tmp_path: Pa
     port = free_port()
     proc = subprocess.Popen(
         load_cmd(missing, "--model", "m", "--store", store, "--watch", "0.2", "--port", str(port)),
-        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -131,7 +139,11 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     primary, secondary = pty.openpty()
     proc = subprocess.Popen(
         load_cmd(src, "--model", "m", "--store", tmp_path / "store"),
-        env=cli_env(), stdout=subprocess.PIPE, stderr=secondary, stdin=subprocess.DEVNULL, text=True,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=secondary,
+        stdin=subprocess.DEVNULL,
+        text=True,
     )
     os.close(secondary)
     screen = b""

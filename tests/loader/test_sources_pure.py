@@ -262,9 +262,7 @@ def test_classify_passes_loader_errors_through() -> None:
 
 
 def tensors_in(**files: str) -> dict[str, dict[str, Any]]:
-    return {
-        name: {"file": file, "dtype": "F32", "shape": [1], "offsets": [0, 4]} for name, file in files.items()
-    }
+    return {name: {"file": file, "dtype": "F32", "shape": [1], "offsets": [0, 4]} for name, file in files.items()}
 
 
 SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
@@ -272,9 +270,7 @@ SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safet
 
 def test_weight_map_that_agrees_passes() -> None:
     tensors = tensors_in(a=SHARD1, b=SHARD1, c=SHARD2)
-    check_weight_map(
-        {"metadata": {"total_size": 12}, "weight_map": {"a": SHARD1, "b": SHARD1, "c": SHARD2}}, tensors
-    )
+    check_weight_map({"metadata": {"total_size": 12}, "weight_map": {"a": SHARD1, "b": SHARD1, "c": SHARD2}}, tensors)
 
 
 def test_weight_map_tensor_in_the_wrong_shard() -> None:
