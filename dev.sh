@@ -30,6 +30,7 @@ case "${1:-}" in
     ;;
   test)
     setup
+    bash .ci/install-emulators.sh  # the GCS emulator (PyPI) and Azurite (npm), for the gs:// and az:// tests
     shift
     exec "$PY" -m pytest -q "$@"
     ;;

@@ -14,9 +14,11 @@ import errno
 import functools
 import hashlib
 import http.client
+import inspect
 import json
 import os
 import posixpath
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -187,6 +189,18 @@ class Source:
         if s3 is not None:
             await s3.__aexit__(None, None, None)
             self.fs._s3 = None
+        service_client = getattr(self.fs, "service_client", None)  # adlfs
+        if service_client is not None:
+            await service_client.close()
+            close_credential = getattr(self.fs.credential, "close", None)
+            if close_credential is not None and inspect.iscoroutinefunction(close_credential):
+                await close_credential()
+            # adlfs's own finalizers would close them again at exit through a loop that async mode leaves
+            # unset, printing "RuntimeError: Loop is not running" (fsspec/adlfs#495): they are closed already.
+            for finalizer in list(getattr(weakref.finalize, "_registry", {})):
+                target = finalizer.peek()
+                if target is not None and target[0] is self.fs:
+                    finalizer.detach()
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:
@@ -224,6 +238,12 @@ def storage_options(protocol: str, concurrency: int) -> dict[str, Any]:
         return opts
     if protocol in ("http", "https"):
         return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)}}
+    if protocol in ("gs", "gcs"):
+        # Like google-cloud-storage: an emulator (STORAGE_EMULATOR_HOST) is reached anonymously unless a token
+        # is configured (FSSPEC_GS_TOKEN); gcsfs alone first asks the GCE metadata server for credentials.
+        token_configured = any("token" in fsspec.config.conf.get(p, {}) for p in ("gs", "gcs"))
+        if os.environ.get("STORAGE_EMULATOR_HOST") and not token_configured:
+            return {"token": "anon"}
     return {}
 
 
@@ -382,20 +402,32 @@ def classify(exc: BaseException, where: str) -> LoaderError:
         return exc
     if isinstance(exc, FileNotFoundError):
         return SourceNotFound(f"{where}: not found")
-    if isinstance(exc, PermissionError):
+    if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and str(exc).startswith("Forbidden:")):
+        # s3fs raises PermissionError for 403; gcsfs a plain OSError("Forbidden: ...").
         return AccessDenied(f"{where}: access denied (check credentials and permissions)")
-    if isinstance(exc, aiohttp.ClientResponseError):
-        if exc.status in (401, 403):
-            return AccessDenied(f"{where}: access denied (HTTP {exc.status})")
-        if exc.status in (404, 410):
-            return SourceNotFound(f"{where}: not found (HTTP {exc.status})")
-        if exc.status == 416:
+    status = _http_status(exc)
+    if status is not None:
+        if status in (401, 403):
+            return AccessDenied(f"{where}: access denied (HTTP {status})")
+        if status in (404, 410):
+            return SourceNotFound(f"{where}: not found (HTTP {status})")
+        if status == 416:
             return ShortRead(f"{where}: short read: range not satisfiable (HTTP 416)")
-        if exc.status in _PERMANENT_HTTP:
-            return LoaderError(f"{where}: HTTP {exc.status} {exc.message}")
-        return TransientError(f"{where}: HTTP {exc.status} {exc.message}")
+        if status in _PERMANENT_HTTP:
+            return LoaderError(f"{where}: HTTP {status} {_PERMANENT_HTTP[status]}: {exc}")
+        if status >= 500 or status in (408, 429):
+            return TransientError(f"{where}: HTTP {status}: {exc}")
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EISDIR, errno.ENOTDIR):
         return LoaderError(f"{where}: {exc}")
     if isinstance(exc, _transient_errors()):
         return TransientError(f"{where}: {type(exc).__name__}: {exc}")
     return LoaderError(f"{where}: {type(exc).__name__}: {exc}")
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status an exception carries: aiohttp's `.status`, Azure's `.status_code`, gcsfs's `.code`."""
+    for attr in ("status", "status_code", "code"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, int) and 100 <= value <= 599:
+            return value
+    return None

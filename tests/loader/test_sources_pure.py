@@ -289,3 +289,26 @@ def test_weight_map_missing_a_tensor_the_shards_hold() -> None:
     with pytest.raises(InvalidModel, match="shards hold tensors the index does not list: extra") as info:
         check_weight_map({"weight_map": {"a": SHARD1}}, tensors)
     assert "model.safetensors.index.json" in str(info.value)
+
+
+class _StatusError(Exception):
+    """Shaped like the SDKs' errors: Azure's HttpResponseError has .status_code, gcsfs's HttpError .code."""
+
+    def __init__(self, attr: str, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        setattr(self, attr, status)
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (_StatusError("status_code", 403), AccessDenied),
+        (_StatusError("status_code", 404), SourceNotFound),
+        (_StatusError("status_code", 503), TransientError),
+        (_StatusError("code", 429), TransientError),
+        (_StatusError("code", 401), AccessDenied),
+        (OSError("Forbidden: https://storage.googleapis.com/b/o\nno access"), AccessDenied),
+    ],
+)
+def test_classify_reads_statuses_of_every_backend(exc: BaseException, expected: type[LoaderError]) -> None:
+    assert type(classify(exc, "gs://b/o")) is expected
