@@ -274,12 +274,16 @@ async def open_source(uri: str, concurrency: int = 8) -> Source:
 
 async def _list_files(source: Source, path: str) -> list[SourceFile]:
     fs, uri = source.fs, redact(source.uri)
+    is_http = bool({"http", "https"} & set(_protocols(fs)))
     try:
         info = await source._info(path)
     except FileNotFoundError:
         info = None  # an HTTP "directory" often has no page of its own
     except Exception as e:
-        raise classify(e, uri) from e
+        error = classify(e, uri)
+        if not (is_http and isinstance(error, AccessDenied) and not path.endswith(".safetensors")):
+            raise error from e
+        info = None  # a directory without an index page (nginx without autoindex answers 403): probe by name
     # Over HTTP a directory is a page: fsspec calls it a file, its listing is the page's links.
     is_page = info is not None and str(info.get("mimetype", "")).startswith("text/html")
     if info is not None and info.get("type") == "file" and not is_page:

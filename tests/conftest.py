@@ -81,12 +81,13 @@ def moto_env(moto_s3: MotoServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
 
 
 @pytest.fixture
-def http_server() -> Iterator[Callable[[str | os.PathLike[str]], RangeHTTPServer]]:
-    """Factory: ``http_server(root_dir)`` starts a RangeHTTPServer on ``root_dir``; all stop afterwards."""
+def http_server() -> Iterator[Callable[..., RangeHTTPServer]]:
+    """Factory: ``http_server(root_dir, list_dirs=True)`` starts a RangeHTTPServer on ``root_dir``; all stop
+    afterwards."""
     started: list[RangeHTTPServer] = []
 
-    def start(root: str | os.PathLike[str]) -> RangeHTTPServer:
-        server = RangeHTTPServer(Path(root))
+    def start(root: str | os.PathLike[str], *, list_dirs: bool = True) -> RangeHTTPServer:
+        server = RangeHTTPServer(Path(root), list_dirs=list_dirs)
         started.append(server)
         return server.start()
 

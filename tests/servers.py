@@ -860,8 +860,9 @@ class RangeHTTPServer(_ThreadedAiohttpServer):
     ``requests`` (method, path, query, Range header, status) when it arrives.
     """
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, list_dirs: bool = True) -> None:
         super().__init__("http-server")
+        self.list_dirs = list_dirs  # False: directories answer 403, like nginx without `autoindex`
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise NotADirectoryError(self.root)
@@ -894,6 +895,8 @@ class RangeHTTPServer(_ThreadedAiohttpServer):
         if not target.is_relative_to(self.root):
             raise web.HTTPForbidden()
         if target.is_dir():
+            if not self.list_dirs:
+                raise web.HTTPForbidden()
             return web.Response(text=self._index(target), content_type="text/html")
         if target.is_file():
             return web.FileResponse(target)

@@ -169,6 +169,19 @@ def test_http_directory_source(tmp_path: Path, http_server: Callable[[Path], Ran
     assert server.requests.count("GET", ranged=True) >= 4
 
 
+def test_http_directory_without_an_index_page_is_probed_by_name(
+    tmp_path: Path, http_server: Callable[..., RangeHTTPServer]
+) -> None:
+    src = write_model_dir(tmp_path / "www" / "model", shards=2)
+    (src / "tokenizer.json").write_text("{}")
+    server = http_server(tmp_path / "www", list_dirs=False)
+    store = tmp_path / "store"
+    result_json(run_load(server.url_for("model"), "--model", "m", "--store", store))
+    expected = tree_digests(src)
+    del expected["tokenizer/vocab.txt"]  # not a name the loader knows to ask for, and no page lists it
+    assert staged_tree(store, "m") == expected
+
+
 def test_http_single_file_with_credentials_in_the_url_is_redacted(
     tmp_path: Path, http_server: Callable[[Path], RangeHTTPServer]
 ) -> None:
