@@ -24,6 +24,8 @@ Why this way:
   * Rounds are interleaved (every tool once per round, the order rotated each round) so drift hits all tools.
     Each run writes to a fresh directory under /dev/shm, which is deleted right after (tmpfs is RAM).
   * Throughput is the model file's size over the median wall time; ratios compare those throughputs.
+  * The machine is shared (2 cores): before each run the harness waits, bounded, for CPU use to drop to
+    --max-busy, and reports what it saw, so a noisy neighbour shows up in the notes instead of silently.
   * Threads: OMP_NUM_THREADS=MKL_NUM_THREADS=1 for every child (the torch-based tools also call
     torch.set_num_threads(1)); warmpod and runai keep their own I/O concurrency defaults unless
     --warmpod-arg / RUNAI_STREAMER_* variables say otherwise.
@@ -70,7 +72,11 @@ S3_KEY = f"model/{MODEL_FILE}"
 MARK_START = "<!-- load_bench:start -->"
 MARK_END = "<!-- load_bench:end -->"
 PATHS = ("local", "s3", "http")
-PATH_TITLES = {"local": "local file → /dev/shm", "s3": "S3 (SeaweedFS) → /dev/shm", "http": "HTTP (nginx) → /dev/shm"}
+PATH_TITLES = {
+    "local": "local file → /dev/shm",
+    "s3": "S3 (SeaweedFS) → /dev/shm",
+    "http": "HTTP (nginx) → /dev/shm",
+}
 # The baseline each path's "vs ref" column divides by.
 REFERENCE = {"local": "cp", "s3": "runai-write", "http": "curl"}
 
@@ -95,7 +101,7 @@ class TensorSpec:
 def plan_model(total_bytes: int) -> list[TensorSpec]:
     """A transformer-like tensor set of about `total_bytes`: F32 embedding and norms, BF16 attention, F16 MLP,
     an I64 buffer, plus a scalar and odd-sized tensors so offsets are not all nicely aligned."""
-    hidden = 2048 if total_bytes >= 512 * MiB else 256
+    hidden = 2048 if total_bytes >= 1 * GiB else 1024 if total_bytes >= 128 * MiB else 256
     mlp = hidden * 11 // 4
     vocab = max(16, int(0.12 * total_bytes) // (hidden * 4))
     n_index = max(1, int(0.03 * total_bytes) // 8)
@@ -222,7 +228,13 @@ def _warmpod(source: Callable[[Ctx], str]) -> Callable[[Ctx, Path, str], list[st
 
 def _worker(tool: str, source: Callable[[Ctx], str]) -> Callable[[Ctx, Path, str], list[str]]:
     def argv(ctx: Ctx, out: Path, run_id: str) -> list[str]:
-        return [sys.executable, str(BENCH_DIR / "baseline_workers.py"), tool, source(ctx), str(out / "model.bin")]
+        return [
+            sys.executable,
+            str(BENCH_DIR / "baseline_workers.py"),
+            tool,
+            source(ctx),
+            str(out / "model.bin"),
+        ]
 
     return argv
 
@@ -242,14 +254,34 @@ def _http(ctx: Ctx) -> str:
 TOOLS: tuple[Tool, ...] = (
     Tool("warmpod-local", "local", "warmpod", _warmpod(_local), json_out=True, expect="tensors"),
     Tool("cp", "local", "cp", lambda c, o, r: ["cp", str(c.model), str(o / MODEL_FILE)]),
-    Tool("st-load", "local", "safetensors load_file + write", _worker("st-load", _local), json_out=True,
-         expect="tensors"),
+    Tool(
+        "st-load",
+        "local",
+        "safetensors load_file + write",
+        _worker("st-load", _local),
+        json_out=True,
+        expect="tensors",
+    ),
     Tool("warmpod-s3", "s3", "warmpod", _warmpod(_s3), needs_s3_env=True, json_out=True, expect="tensors"),
     Tool("s3fs", "s3", "s3fs get", _worker("s3fs", _s3), needs_s3_env=True, json_out=True),
-    Tool("runai-write", "s3", "runai streamer + write", _worker("runai-write", _s3), needs_s3_env=True,
-         json_out=True, expect="tensors"),
-    Tool("runai-ram", "s3", "runai streamer, RAM only", _worker("runai-ram", _s3), needs_s3_env=True,
-         json_out=True, expect="none"),
+    Tool(
+        "runai-write",
+        "s3",
+        "runai streamer + write",
+        _worker("runai-write", _s3),
+        needs_s3_env=True,
+        json_out=True,
+        expect="tensors",
+    ),
+    Tool(
+        "runai-ram",
+        "s3",
+        "runai streamer, RAM only",
+        _worker("runai-ram", _s3),
+        needs_s3_env=True,
+        json_out=True,
+        expect="none",
+    ),
     Tool("warmpod-http", "http", "warmpod", _warmpod(_http), json_out=True, expect="tensors"),
     Tool("curl", "http", "curl -o", lambda c, o, r: ["curl", "-sSf", "-o", str(o / MODEL_FILE), c.http_url]),
 )
@@ -282,7 +314,11 @@ def warmpod_available(timeout_s: float = 60.0) -> tuple[bool, str]:
     try:
         p = subprocess.run(
             [sys.executable, "-m", "warmpod", "load", "--help"],
-            cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=False,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         return False, "`python -m warmpod load --help` timed out"
@@ -299,6 +335,7 @@ class Sample:
     wall_s: float
     inproc_s: float | None
     written: int
+    busy_before: float | None = None  # share of all CPUs busy just before the run started
 
 
 @dataclass
@@ -340,7 +377,7 @@ def child_env(tool: Tool, ctx: Ctx) -> dict[str, str]:
 
 
 def resident_bytes(root: Path) -> int:
-    """Bytes actually allocated under `root` (st_blocks, so a sparse or preallocated-only file does not count)."""
+    """Bytes allocated under `root` (st_blocks: a sparse or preallocated-only file does not count)."""
     total = 0
     for dirpath, _dirs, files in os.walk(root):
         for f in files:
@@ -361,7 +398,7 @@ def last_json(stdout: str) -> dict[str, Any]:
 
 
 def spot_check(copy: Path, original: Path, samples: int = 8, block: int = MiB) -> None:
-    """Compare a few random 1 MiB blocks (and the first and last) of a byte-for-byte copy with the original."""
+    """Compare some random 1 MiB blocks (and the first and last) of a byte-for-byte copy with the original."""
     size = original.stat().st_size
     if copy.stat().st_size != size:
         raise RunFailed(f"{copy} is {copy.stat().st_size} bytes, expected {size}")
@@ -383,8 +420,15 @@ def run_once(tool: Tool, ctx: Ctx, shm_root: Path, run_id: str, timeout_s: float
         argv = tool.argv(ctx, out, run_id)
         t0 = time.perf_counter()
         try:
-            p = subprocess.run(argv, cwd=REPO, env=child_env(tool, ctx), capture_output=True, text=True,
-                               timeout=timeout_s, check=False)
+            p = subprocess.run(
+                argv,
+                cwd=REPO,
+                env=child_env(tool, ctx),
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                check=False,
+            )
         except subprocess.TimeoutExpired as exc:
             raise RunFailed(f"timed out after {timeout_s:.0f}s: {' '.join(argv)}") from exc
         wall = time.perf_counter() - t0
@@ -412,12 +456,60 @@ def verify_output(tool: Tool, ctx: Ctx, out: Path, written: int, check: bool) ->
         raise RunFailed(f"{tool.key}: {written} bytes on /dev/shm, expected at least {ctx.tensor_bytes}")
 
 
+def quiet_note(results: dict[str, ToolResult], q: Quiet) -> str:
+    busy = [s.busy_before for r in results.values() for s in r.samples if s.busy_before is not None]
+    if not busy:
+        return "Runs did not wait for an idle machine (--max-busy 0)."
+    loud = sum(b > q.max_busy for b in busy)
+    return (
+        f"Before each run the harness waited (up to {q.timeout_s:.0f}s) for CPU use to fall to "
+        f"≤{q.max_busy:.0%} of both cores; measured just before the counted runs: median "
+        f"{statistics.median(busy):.0%}, max {max(busy):.0%}"
+        + (f" ({loud} run(s) started above the threshold after the wait timed out)." if loud else ".")
+    )
+
+
 def rotated(items: Sequence[Tool], k: int) -> list[Tool]:
     k %= max(1, len(items))
     return [*items[k:], *items[:k]]
 
 
-def run_all(tools: Sequence[Tool], ctx: Ctx, shm_root: Path, reps: int, timeout_s: float) -> dict[str, ToolResult]:
+@dataclass(frozen=True)
+class Quiet:
+    """Before each run, wait up to `timeout_s` for the CPUs to be at most `max_busy` busy (0: don't wait)."""
+
+    max_busy: float
+    timeout_s: float
+
+
+def cpu_busy(window_s: float) -> float:
+    """Share of all CPUs busy (not idle or iowait) over `window_s`, from /proc/stat."""
+
+    def snap() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        return vals[3] + vals[4], sum(vals)
+
+    idle0, total0 = snap()
+    time.sleep(window_s)
+    idle1, total1 = snap()
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_for_quiet(q: Quiet) -> float | None:
+    """Block (bounded by q.timeout_s) until the machine is quiet; return the last busy share measured."""
+    if q.max_busy <= 0:
+        return None
+    deadline = time.monotonic() + q.timeout_s
+    busy = cpu_busy(0.5)
+    while busy > q.max_busy and time.monotonic() < deadline:
+        busy = cpu_busy(1.0)
+    return busy
+
+
+def run_all(
+    tools: Sequence[Tool], ctx: Ctx, shm_root: Path, reps: int, timeout_s: float, quiet: Quiet
+) -> dict[str, ToolResult]:
     """One uncounted warm-up round (with content checks), then `reps` interleaved, rotated rounds."""
     results = {t.key: ToolResult(t) for t in tools}
     live = list(tools)
@@ -428,8 +520,10 @@ def run_all(tools: Sequence[Tool], ctx: Ctx, shm_root: Path, reps: int, timeout_
             if res.error:
                 continue
             run_id = f"{tool.key}-{'warmup' if warm else rnd}"
+            busy = wait_for_quiet(quiet)
             try:
                 sample = run_once(tool, ctx, shm_root, run_id, timeout_s, check=warm)
+                sample.busy_before = busy
             except RunFailed as exc:
                 res.error = str(exc).splitlines()[0][:300]
                 log(f"  {run_id:<22} FAILED: {exc}")
@@ -437,8 +531,13 @@ def run_all(tools: Sequence[Tool], ctx: Ctx, shm_root: Path, reps: int, timeout_
             if not warm:
                 res.samples.append(sample)
             inproc = f"  in-proc {sample.inproc_s:6.2f}s" if sample.inproc_s is not None else ""
-            log(f"  {run_id:<22} {sample.wall_s:7.2f}s  {ctx.model_bytes / sample.wall_s / MiB:8.0f} MiB/s{inproc}"
-                + ("  (warm-up, not counted)" if warm else ""))
+            cpu = f"  cpu busy before {busy:4.0%}" if busy is not None else ""
+            log(
+                f"  {run_id:<22} {sample.wall_s:7.2f}s  {ctx.model_bytes / sample.wall_s / MiB:8.0f} MiB/s"
+                + inproc
+                + cpu
+                + ("  (warm-up, not counted)" if warm else "")
+            )
     return results
 
 
@@ -452,7 +551,7 @@ class Goal:
     target: float
 
     def text(self) -> str:
-        return f"{self.path}: warmpod ≥ {self.target:g}× {self.baseline}"
+        return f"{self.path}: warmpod ≥ {self.target:g}x {self.baseline}"
 
 
 GOALS = (Goal("local", "cp", 0.8), Goal("s3", "runai-write", 1.0), Goal("s3", "s3fs", 2.0))
@@ -477,17 +576,18 @@ def goal_lines(results: dict[str, ToolResult]) -> list[str]:
         w, b = warmpod_of(results, g.path), results.get(g.baseline)
         ratio = speed_ratio(w, b if b and b.samples else None)
         if ratio is None:
-            why = "warmpod" if w is None else g.baseline
-            lines.append(f"- {g.text()}: **not measured** ({why} has no successful runs)")
+            missing = [k for k in (f"warmpod-{g.path}", g.baseline) if k not in results]
+            why = f"{', '.join(missing)} not run" if missing else "no successful runs"
+            lines.append(f"- {g.text()}: **not measured** ({why})")
             continue
         verdict = "met" if ratio >= g.target else "missed"
         ip = speed_ratio(w, b, inproc=True)
-        extra = f"; in-process {ip:.2f}×" if ip is not None else ""
-        lines.append(f"- {g.text()}: **{verdict}** — {ratio:.2f}× (wall-clock medians{extra})")
+        extra = f"; in-process {ip:.2f}x" if ip is not None else ""
+        lines.append(f"- {g.text()}: **{verdict}** — {ratio:.2f}x (wall-clock medians{extra})")
     w, c = warmpod_of(results, "http"), results.get("curl")
     ratio = speed_ratio(w, c if c and c.samples else None)
     if ratio is not None:
-        lines.append(f"- http: no goal set — warmpod is {ratio:.2f}× curl")
+        lines.append(f"- http: no goal set — warmpod is {ratio:.2f}x curl")
     return lines
 
 
@@ -496,8 +596,10 @@ def fmt(v: float | None, spec: str) -> str:
 
 
 def results_table(results: dict[str, ToolResult], model_bytes: int) -> str:
-    head = ("| path | tool | median s | MiB/s | in-proc s | vs ref | warmpod ÷ this | min–max s | runs |\n"
-            "|---|---|---:|---:|---:|---:|---:|---|---:|")
+    head = (
+        "| path | tool | median s | MiB/s | in-proc s | vs ref | warmpod ÷ this | min-max s | runs |\n"
+        "|---|---|---:|---:|---:|---:|---:|---|---:|"
+    )
     rows = [head]
     for path in PATHS:
         ref = results.get(REFERENCE[path])
@@ -512,9 +614,9 @@ def results_table(results: dict[str, ToolResult], model_bytes: int) -> str:
             mine = None if r.tool.is_warmpod else speed_ratio(w, r)
             rows.append(
                 f"| {path} | {name} | {fmt(r.median_s, '.2f')} | {fmt(r.mibps(model_bytes), '.0f')} | "
-                f"{fmt(r.median_inproc_s, '.2f')} | {fmt(vs_ref, '.2f')}× | "
-                f"{fmt(mine, '.2f') + '×' if mine else '—'} | "
-                f"{min(r.walls):.2f}–{max(r.walls):.2f} | {len(r.samples)} |"
+                f"{fmt(r.median_inproc_s, '.2f')} | {fmt(vs_ref, '.2f')}x | "
+                f"{fmt(mine, '.2f') + 'x' if mine else '—'} | "
+                f"{min(r.walls):.2f}-{max(r.walls):.2f} | {len(r.samples)} |"
             )
     return "\n".join(rows)
 
@@ -544,9 +646,11 @@ def machine_notes() -> str:
     shm = shutil.disk_usage("/dev/shm").total
     import torch
 
-    return (f"{os.cpu_count()} CPU cores ({cpu}), {mem / GiB:.1f} GiB RAM, /dev/shm tmpfs {shm / GiB:.1f} GiB; "
-            f"Linux {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"{package_versions()}")
+    return (
+        f"{os.cpu_count()} CPU cores ({cpu}), {mem / GiB:.1f} GiB RAM, /dev/shm tmpfs {shm / GiB:.1f} GiB; "
+        f"Linux {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"{package_versions()}"
+    )
 
 
 def package_versions() -> str:
@@ -574,14 +678,16 @@ def fs_of(path: Path) -> str:
     return fstype
 
 
-def model_notes(model: Path, specs: Sequence[TensorSpec]) -> str:
+def model_notes(model: Path, specs: Sequence[TensorSpec], where: Path) -> str:
     mix = ", ".join(f"{d} {n} tensors / {b / MiB:.0f} MiB" for d, (n, b) in sorted(dtype_mix(specs).items()))
     size = model.stat().st_size
-    return (f"{size / GiB:.2f} GiB safetensors file ({size} bytes), {len(specs)} tensors: {mix}; "
-            f"written once under {model.parent.parent} ({fs_of(model)}, not tmpfs) and uploaded once to each server")
+    return (
+        f"{size / GiB:.2f} GiB safetensors file ({size} bytes), {len(specs)} tensors: {mix}; "
+        f"written once to a temporary dir under {where} ({fs_of(model)}, not tmpfs), uploaded once to each server"
+    )
 
 
-def markdown_section(meta: Meta, table: str, goals: list[str], png: Path | None) -> str:
+def markdown_section(meta: Meta, table: str, goals: list[str], png: Path | None, doc_dir: Path) -> str:
     parts = [
         MARK_START,
         "## Loader throughput: `warmpod load` vs cp / safetensors / s3fs / runai / curl",
@@ -601,7 +707,7 @@ def markdown_section(meta: Meta, table: str, goals: list[str], png: Path | None)
         "",
     ]
     if png is not None:
-        parts += [f"![load throughput]({png.relative_to(REPO).as_posix()})", ""]
+        parts += [f"![load throughput]({Path(os.path.relpath(png, doc_dir)).as_posix()})", ""]
     parts.append(MARK_END)
     return "\n".join(parts)
 
@@ -611,7 +717,7 @@ def update_section(doc: Path, section: str) -> None:
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     if MARK_START in text and MARK_END in text:
         pre = text[: text.index(MARK_START)]
-        post = text[text.index(MARK_END) + len(MARK_END):]
+        post = text[text.index(MARK_END) + len(MARK_END) :]
         text = pre + section + post
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
@@ -626,7 +732,7 @@ def plot(results: dict[str, ToolResult], model_bytes: int, png: Path, title: str
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("matplotlib not installed: no chart (pip install -r bench/requirements.txt -c bench/constraints.txt)")
+        log("no chart: matplotlib missing (pip install -r bench/requirements.txt -c bench/constraints.txt)")
         return None
     rows = [r for p in PATHS for r in results.values() if r.tool.path == p and r.samples]
     if not rows:
@@ -635,14 +741,16 @@ def plot(results: dict[str, ToolResult], model_bytes: int, png: Path, title: str
     med = [r.mibps(model_bytes) or 0.0 for r in rows]
     lo = [m - model_bytes / max(r.walls) / MiB for m, r in zip(med, rows, strict=True)]
     hi = [model_bytes / min(r.walls) / MiB - m for m, r in zip(med, rows, strict=True)]
-    colors = ["#d62728" if r.tool.is_warmpod else {"local": "#1f77b4", "s3": "#2ca02c", "http": "#9467bd"}[r.tool.path]
-              for r in rows]
+    colors = [
+        "#d62728" if r.tool.is_warmpod else {"local": "#1f77b4", "s3": "#2ca02c", "http": "#9467bd"}[r.tool.path]
+        for r in rows
+    ]
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.6))
     y = list(range(len(rows)))[::-1]
     ax.barh(y, med, xerr=[lo, hi], color=colors, capsize=3)
     ax.set_yticks(y, labels)
-    for yi, m in zip(y, med, strict=True):
-        ax.text(m, yi, f" {m:.0f}", va="center", fontsize=8)
+    for yi, m, h in zip(y, med, hi, strict=True):
+        ax.text(m + h, yi, f"  {m:.0f}", va="center", fontsize=8)
     ax.set_xlabel("MiB/s into /dev/shm (median wall-clock; whiskers: min/max)")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
@@ -673,17 +781,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gib", type=float, default=2.0, help="model size in GiB (default 2)")
     ap.add_argument("--reps", type=int, default=3, help="counted repetitions per tool (default 3, min 1)")
-    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"),
-                    help="markdown file whose load_bench section is replaced ('' to skip)")
+    ap.add_argument(
+        "--out",
+        default=str(REPO / "BENCHMARKS.md"),
+        help="markdown file whose load_bench section is replaced ('' to skip)",
+    )
     ap.add_argument("--png", default=str(BENCH_DIR / "results" / "load_bench.png"), help="bar chart ('' to skip)")
     ap.add_argument("--json", default=str(BENCH_DIR / "results" / "load_bench.json"), help="raw results ('' to skip)")
     ap.add_argument("--only", help="comma-separated tools or groups: " + ", ".join([*TOOL_BY_KEY, *ALIASES]))
     ap.add_argument("--workdir", default="/var/tmp", help="root-disk directory for the model and server data")
     ap.add_argument("--shm", default="/dev/shm", help="where the stores and copies go (tmpfs)")
     ap.add_argument("--model-dir", help="keep the generated model here and reuse it on later runs")
-    ap.add_argument("--warmpod-arg", action="append", default=[],
-                    help="extra argument for every `warmpod load` (repeatable), e.g. --warmpod-arg=--concurrency=8")
+    ap.add_argument(
+        "--warmpod-arg",
+        action="append",
+        default=[],
+        help="extra argument for every `warmpod load` (repeatable), e.g. --warmpod-arg=--concurrency=8",
+    )
     ap.add_argument("--timeout", type=float, default=0, help="per-run timeout in s (default 120 + 120 per GiB)")
+    ap.add_argument(
+        "--max-busy",
+        type=float,
+        default=0.25,
+        help="before each run, wait for CPU use <= this share of all cores (default 0.25; 0: don't wait)",
+    )
+    ap.add_argument("--quiet-timeout", type=float, default=60, help="longest wait for --max-busy, s (60)")
     args = ap.parse_args(argv)
     if args.reps < 1 or args.size_gib <= 0:
         ap.error("--reps must be >= 1 and --size-gib > 0")
@@ -714,8 +836,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = plan_model(int(args.size_gib * GiB))
     model_size = sum(s.nbytes for s in specs)
     if shutil.disk_usage(args.shm).free < 2.5 * model_size:
-        raise SystemExit(f"{args.shm} has {shutil.disk_usage(args.shm).free / GiB:.1f} GiB free; "
-                         f"need {2.5 * model_size / GiB:.1f}")
+        raise SystemExit(
+            f"{args.shm} has {shutil.disk_usage(args.shm).free / GiB:.1f} GiB free; need {2.5 * model_size / GiB:.1f}"
+        )
     timeout_s = args.timeout or 120 + 120 * args.size_gib
     started = dt.datetime.now(dt.UTC)
 
@@ -727,9 +850,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = ensure_model(model_dir, specs)
         model_dir.chmod(0o755)  # readable by nginx's workers (the parents are ours and 0755, or the user's)
         model.chmod(0o644)
-        model_desc = model_notes(model, specs)
-        ctx = Ctx(model=model, model_bytes=model.stat().st_size, tensor_bytes=data_bytes(model),
-                  warmpod_args=list(args.warmpod_arg))
+        model_desc = model_notes(model, specs, Path(args.model_dir) if args.model_dir else workdir)
+        ctx = Ctx(
+            model=model,
+            model_bytes=model.stat().st_size,
+            tensor_bytes=data_bytes(model),
+            warmpod_args=list(args.warmpod_arg),
+        )
         servers: list[str] = []
         if any(t.path == "s3" for t in tools):
             s3 = stack.enter_context(SeaweedS3(root))
@@ -738,16 +865,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             s3.upload_file(model, BUCKET, S3_KEY)
             log(f"SeaweedFS {s3.version} at {s3.endpoint}; uploaded in {time.perf_counter() - t0:.1f}s")
             ctx.s3_uri, ctx.s3_env = f"s3://{BUCKET}/{S3_KEY}", s3.env()
-            servers.append(f"SeaweedFS {s3.version} (`weed server -filer -s3`, single process, data on "
-                           f"{fs_of(root)} root disk, path-style S3, one access key)")
+            servers.append(
+                f"SeaweedFS {s3.version}: `weed server -filer -s3`, one process, data on the "
+                f"{fs_of(root)} root disk, path-style S3, one access key, 127.0.0.1 only"
+            )
         if any(t.path == "http" for t in tools):
             web = stack.enter_context(NginxStatic(root, model_dir))
             ctx.http_url = f"{web.url}/{MODEL_FILE}"
-            servers.append(f"nginx {web.version} (2 workers, sendfile on, access_log off)")
+            servers.append(f"{web.version}: 2 workers, sendfile on, access_log off, 127.0.0.1 only")
         t = read_fully(model)
         log(f"source warmed: read {ctx.model_bytes / GiB:.2f} GiB in {t:.2f}s")
         log(f"running {len(tools)} tools x ({args.reps} reps + 1 warm-up): {', '.join(x.key for x in tools)}")
-        results = run_all(tools, ctx, shm_root, args.reps, timeout_s)
+        load_before = os.getloadavg()[0]
+        t_runs = time.perf_counter()
+        quiet = Quiet(args.max_busy, args.quiet_timeout)
+        results = run_all(tools, ctx, shm_root, args.reps, timeout_s, quiet)
+        notes.append(quiet_note(results, quiet))
+        notes.append(
+            f"Timed rounds took {time.perf_counter() - t_runs:.0f}s; 1-min load average "
+            f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after (includes the benchmark itself; "
+            "other processes on the machine were not stopped)."
+        )
 
     meta = Meta(
         command=command_line(argv),
@@ -761,8 +899,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "order rotated each round; each run writes a fresh dir on /dev/shm that is deleted right after.",
             "Times are wall-clock per process (spawn to exit, interpreter and imports included); "
             "\"in-proc s\" is the tool's own timer (warmpod's JSON `seconds`, the Python baselines' work "
-            "after imports). MiB/s = model file size / median wall time. \"vs ref\" = this tool's speed ÷ "
-            "the path's reference (local: cp, s3: runai + write, http: curl); \"warmpod ÷ this\" = how many "
+            'after imports). MiB/s = model file size / median wall time. "vs ref" = this tool\'s speed ÷ '
+            'the path\'s reference (local: cp, s3: runai + write, http: curl); "warmpod ÷ this" = how many '
             "times faster warmpod is than this tool.",
             "Threads: OMP_NUM_THREADS=MKL_NUM_THREADS=1 for every child and torch.set_num_threads(1) in the "
             "torch-based tools; I/O concurrency at each tool's default"
@@ -774,22 +912,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     table = results_table(results, ctx.model_bytes)
     goals = goal_lines(results)
-    png = plot(results, ctx.model_bytes, Path(args.png),
-               f"{ctx.model_bytes / GiB:.2f} GiB model → /dev/shm, {os.cpu_count()} cores, "
-               f"median of {args.reps}") if args.png else None
+    png = (
+        plot(
+            results,
+            ctx.model_bytes,
+            Path(args.png),
+            f"{ctx.model_bytes / GiB:.2f} GiB model → /dev/shm, {os.cpu_count()} cores, median of {args.reps}",
+        )
+        if args.png
+        else None
+    )
     print(table)
     print()
     print("\n".join(goals))
     if args.out:
-        update_section(Path(args.out), markdown_section(meta, table, goals, png))
+        update_section(Path(args.out), markdown_section(meta, table, goals, png, Path(args.out).resolve().parent))
         log(f"updated {args.out}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({
-            "meta": asdict(meta),
-            "model_bytes": ctx.model_bytes,
-            "results": {k: {"samples": [asdict(s) for s in r.samples], "error": r.error} for k, r in results.items()},
-        }, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "meta": asdict(meta),
+                    "model_bytes": ctx.model_bytes,
+                    "results": {
+                        k: {"samples": [asdict(s) for s in r.samples], "error": r.error} for k, r in results.items()
+                    },
+                },
+                indent=2,
+            )
+        )
     return 0 if all(r.samples for r in results.values()) else 1
 
 

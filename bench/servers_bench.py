@@ -28,6 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 90.0
@@ -123,7 +124,11 @@ class SeaweedS3:
     def version(self) -> str:
         out = subprocess.run([self.weed, "version"], capture_output=True, text=True, timeout=30, check=False)
         first = (out.stdout or out.stderr).strip().splitlines()
-        return first[0].replace("version ", "", 1).strip() if first else "unknown"
+        # e.g. "version 8000GB 4.48 pypi linux amd64": pick the dotted number, keep the rest as the build.
+        words = first[0].replace("version ", "", 1).split() if first else []
+        number = next((w for w in words if w[:1].isdigit() and "." in w), "unknown")
+        build = " ".join(w for w in words if w != number)
+        return f"{number} ({build})" if build else number
 
     def env(self) -> dict[str, str]:
         """The standard AWS variables that point a client at this server."""
@@ -194,7 +199,7 @@ class SeaweedS3:
             raise
         return self
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self) -> Any:
         import boto3
         from botocore.config import Config
 
@@ -343,4 +348,3 @@ class NginxStatic:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
