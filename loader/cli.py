@@ -19,9 +19,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from tqdm import tqdm
@@ -33,6 +32,9 @@ from loader.plan import DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY, DEFAULT_MAX_BUF
 from loader.sources import SourceFile, redact
 from loader.store import DEFAULT_ROOT, check_model_name, current_version, read_manifest
 from loader.stream import StreamSettings
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 
 def _size(text: str) -> int:
@@ -183,6 +185,7 @@ class CliEvents(LoadEvents):
 
 def create_app(req: LoadRequest, registry: CollectorRegistry) -> web.Application:
     """/healthz: the process is alive. /ready: a version of the model is published. /metrics: Prometheus."""
+    from aiohttp import web  # only with --port: a one-shot local load skips its ~80 ms import
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
@@ -206,6 +209,8 @@ def create_app(req: LoadRequest, registry: CollectorRegistry) -> web.Application
 async def run(req: LoadRequest, watch: float | None, port: int | None, host: str, events: CliEvents) -> int:
     runner: web.AppRunner | None = None
     if port is not None:
+        from aiohttp import web
+
         runner = web.AppRunner(create_app(req, events.metrics.registry), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, host, port).start()

@@ -9,7 +9,6 @@ hasher can always make progress and never needs a second pass over the file.
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
 import os
 import random
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from loader.errors import IntegrityError, ShortRead, TransientError, first_error
+from loader.errors import IntegrityError, LoaderError, ShortRead, TransientError, first_error
 from loader.plan import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CONCURRENCY,
@@ -116,7 +115,7 @@ class Streamer:
         """Copy `f` to `dest` (created, preallocated). Returns the sha256 hex when asked for, else None."""
         fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _preallocate(fd, f.size)
+            _size_file(fd, f.size)
             hasher = _OrderedHasher(self) if want_sha256 else None
             with first_error():
                 async with asyncio.TaskGroup() as tg:
@@ -140,6 +139,8 @@ class Streamer:
         try:
             if self.source.is_local and hasher is None:
                 await self._sendfile_range(f, dest, offset, length)
+            elif hasher is None:
+                await self._stream_range(f, fd, offset, length)
             else:
                 data = await self.read(f, offset, length)
                 await self.run(_pwrite_all, fd, data, offset)
@@ -148,6 +149,25 @@ class Streamer:
             self.events.bytes_done(length)
         finally:
             self.buffer_slots.release()
+
+    async def _stream_range(self, f: SourceFile, fd: int, offset: int, length: int) -> None:
+        """Remote source, no digest wanted: write each piece at its offset as it arrives. A retry resumes the
+        range where the failed attempt stopped."""
+        end = offset + length
+        pos = offset
+
+        async def attempt() -> None:
+            nonlocal pos
+            async with self.io_slots:
+                async for piece in self.source.stream_range(f, pos, end - pos):
+                    if pos + len(piece) > end:
+                        raise LoaderError(f"{f.rel}: the server sent more than the {length} bytes asked for")
+                    _pwrite_all(fd, piece, pos)  # a piece is one socket read (<= 256 KiB): cheaper here than a hop
+                    pos += len(piece)
+            if pos < end:
+                raise ShortRead(f"{f.rel}: short read: {pos - offset} of {length} bytes at offset {offset}")
+
+        await self.with_retries(f, f"bytes {offset}-{end - 1}", attempt)
 
     async def _sendfile_range(self, f: SourceFile, dest: Path, offset: int, length: int) -> None:
         """Local source: the kernel copies page cache to page cache; no byte passes through Python."""
@@ -182,16 +202,14 @@ class _OrderedHasher:
         return self.sha.hexdigest()
 
 
-def _preallocate(fd: int, size: int) -> None:
-    """Reserve the file's pages up front (tmpfs charges them now, and ENOSPC comes before any byte is fetched)."""
-    if size == 0:
-        return
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-        os.ftruncate(fd, size)
+def _size_file(fd: int, size: int) -> None:
+    """Give the staging file its final size up front, so every range can be written at its offset.
+
+    Sparse (ftruncate), not posix_fallocate: on tmpfs fallocate zeroes every page first, only for the ranges to
+    overwrite them — measured 0.5 s per 2 GiB of pure overhead. Room was checked before the first byte (filesystem
+    and cgroup limits); a page is allocated when its range is written.
+    """
+    os.ftruncate(fd, size)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
