@@ -732,7 +732,7 @@ def plot(results: dict[str, ToolResult], model_bytes: int, png: Path, title: str
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("no chart: matplotlib missing (pip install -r bench/requirements.txt -c bench/constraints.txt)")
+        log("no chart: matplotlib missing (pip install -r bench/requirements.txt -c constraints.txt)")
         return None
     rows = [r for p in PATHS for r in results.values() if r.tool.path == p and r.samples]
     if not rows:
