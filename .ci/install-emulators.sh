@@ -19,7 +19,7 @@ except m.PackageNotFoundError:
 
 if [ "$(installed_version gcp-storage-emulator)" != "$GCS_EMULATOR_VERSION" ]; then
   # -c constraints.txt: nothing here may move torch off its pinned CPU build.
-  "$PY" -m pip install -q --disable-pip-version-check -c constraints.txt "gcp-storage-emulator==$GCS_EMULATOR_VERSION"
+  "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -c constraints.txt "gcp-storage-emulator==$GCS_EMULATOR_VERSION"
 fi
 
 azurite_pkg=.ci/node/node_modules/azurite/package.json
