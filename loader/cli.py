@@ -136,6 +136,8 @@ class CliEvents(LoadEvents):
 
     def started(self, uri: str, model: str, files: list[SourceFile], to_copy: int) -> None:
         if self.tty and to_copy:
+            # A bare pty reports 0x0, which tqdm takes as "no room" and prints nothing; this falls back to 80x24.
+            columns, lines = shutil.get_terminal_size()
             self.bar = tqdm(
                 total=to_copy,
                 unit="B",
@@ -143,9 +145,8 @@ class CliEvents(LoadEvents):
                 unit_divisor=1024,
                 desc=model,
                 file=self.stream,
-                # A bare pty reports 0x0, which tqdm takes as "no room" and prints nothing; this falls back to 80x24.
-                ncols=shutil.get_terminal_size().columns,
-                nrows=shutil.get_terminal_size().lines,
+                ncols=columns,
+                nrows=lines,
             )
         self.log("load_started", source=redact(uri), model=model, files=len(files), bytes_to_copy=to_copy)
 

@@ -32,10 +32,10 @@ from loader.store import (
     current_version,
     find_version,
     gc_versions,
-    model_dir,
     point_current,
     publish_version,
     staging_dir,
+    version_dir,
     writer_lock,
 )
 from loader.stream import Events, Streamer, StreamSettings
@@ -125,7 +125,7 @@ async def _load_locked(req: LoadRequest, source: Source, events: LoadEvents, sta
         return LoadResult(
             req.model,
             existing,
-            model_dir(req.root, req.model) / "versions" / existing,
+            version_dir(req.root, req.model, existing),
             digest,
             0,
             time.monotonic() - started,
@@ -197,7 +197,7 @@ async def _stage_and_publish(
     return LoadResult(
         req.model,
         version,
-        model_dir(req.root, req.model) / "versions" / version,
+        version_dir(req.root, req.model, version),
         digest,
         needed,
         time.monotonic() - started,

@@ -136,6 +136,10 @@ class Source:
         return "file" in _protocols(self.fs)
 
     @property
+    def is_http(self) -> bool:
+        return bool({"http", "https"} & set(_protocols(self.fs)))
+
+    @property
     def digest(self) -> str:
         return identity_digest(self.files)
 
@@ -167,9 +171,8 @@ class Source:
         """The bytes of a range in the pieces the network delivers them (no whole-range buffer, no join copy),
         for S3 and HTTP; other backends yield the range as one piece. The caller checks the total length."""
         where = f"{redact(self.uri)}: {f.rel}"
-        protocols = set(_protocols(self.fs))
         try:
-            if protocols & {"s3", "s3a"}:
+            if {"s3", "s3a"} & set(_protocols(self.fs)):
                 bucket, key, version = self.fs.split_path(f.path)
                 extra = {"VersionId": version} if version else {}
                 rng = f"bytes={offset}-{offset + length - 1}"
@@ -180,7 +183,7 @@ class Source:
                         yield piece
                 finally:
                     body.close()
-            elif protocols & {"http", "https"}:
+            elif self.is_http:
                 session = await self.fs.set_session()
                 headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
                 async with session.get(self.fs.encode_url(f.path), headers=headers) as r:
@@ -310,14 +313,13 @@ async def open_source(uri: str, concurrency: int = 8) -> Source:
 
 async def _list_files(source: Source, path: str) -> list[SourceFile]:
     fs, uri = source.fs, redact(source.uri)
-    is_http = bool({"http", "https"} & set(_protocols(fs)))
     try:
         info = await source._info(path)
     except FileNotFoundError:
         info = None  # an HTTP "directory" often has no page of its own
     except Exception as e:
         error = classify(e, uri)
-        if not (is_http and isinstance(error, AccessDenied) and not path.endswith(".safetensors")):
+        if not (source.is_http and isinstance(error, AccessDenied) and not path.endswith(".safetensors")):
             raise error from e
         info = None  # a directory without an index page (nginx without autoindex answers 403): probe by name
     # Over HTTP a directory is a page: fsspec calls it a file, its listing is the page's links.
@@ -344,7 +346,6 @@ def _join(fs: Any, root: str, rel: str) -> str:
 async def _listing(source: Source, path: str, exists: bool) -> dict[str, dict[str, Any]]:
     fs, uri = source.fs, redact(source.uri)
     entries: dict[str, dict[str, Any]] = {}
-    is_http = bool({"http", "https"} & set(_protocols(fs)))
     if exists:
         try:
             found = (
@@ -355,14 +356,14 @@ async def _listing(source: Source, path: str, exists: bool) -> dict[str, dict[st
         except FileNotFoundError:
             found = {}
         except Exception as e:
-            if not is_http:
+            if not source.is_http:
                 raise classify(e, uri) from e
             found = {}
         prefix = path.rstrip("/") + "/"
         for name, info in found.items():
             if info.get("type", "file") == "file" and name.startswith(prefix):
                 entries[name[len(prefix) :]] = info
-    if not entries and is_http:
+    if not entries and source.is_http:
         for rel in HTTP_PROBE_FILES:
             try:
                 entries[rel] = await source._info(_join(fs, path, rel))

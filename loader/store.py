@@ -74,6 +74,10 @@ def model_dir(root: Path, name: str) -> Path:
     return Path(root) / check_model_name(name)
 
 
+def version_dir(root: Path, name: str, version: str) -> Path:
+    return model_dir(root, name) / VERSIONS / version
+
+
 # ---------------------------------------------------------------- writer side (the loader)
 
 
@@ -110,7 +114,7 @@ def current_version(root: Path, name: str) -> str | None:
 
 
 def read_manifest(root: Path, name: str, version: str) -> dict[str, Any]:
-    with open(model_dir(root, name) / VERSIONS / version / MANIFEST, encoding="utf-8") as f:
+    with open(version_dir(root, name, version) / MANIFEST, encoding="utf-8") as f:
         data: dict[str, Any] = json.load(f)
     return data
 
@@ -157,7 +161,7 @@ def publish_version(root: Path, name: str, staged: Path, manifest: dict[str, Any
     tmp.chmod(0o444)
     tmp.rename(staged / MANIFEST)
     (mdir / VERSIONS).mkdir(exist_ok=True)
-    staged.rename(mdir / VERSIONS / version)
+    staged.rename(version_dir(root, name, version))
     point_current(root, name, version)
     return version
 
@@ -178,7 +182,7 @@ def gc_versions(root: Path, name: str, keep: int) -> list[str]:
     numbers = version_numbers(root, name)
     doomed = [str(n) for n in numbers[: max(0, len(numbers) - keep)] if str(n) != cur]
     for v in doomed:
-        _remove(model_dir(root, name) / VERSIONS / v)
+        _remove(version_dir(root, name, v))
     return doomed
 
 
@@ -285,13 +289,12 @@ class StagedModel:
 
 def open_model(root: Path, name: str, attempts: int = 5) -> StagedModel:
     """Map the current version of `name`. Raises FileNotFoundError when nothing is published."""
-    mdir = model_dir(root, name)
     last: OSError | None = None
     for _ in range(attempts):
         version = current_version(root, name)
         if version is None:
             raise FileNotFoundError(f"model {name!r} has no published version in {root}")
-        vdir = mdir / VERSIONS / version
+        vdir = version_dir(root, name, version)
         try:
             return _map_version(name, version, vdir)
         except FileNotFoundError as e:  # garbage-collected between readlink and open: follow `current` again

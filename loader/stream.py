@@ -112,7 +112,7 @@ class Streamer:
         return await self.with_retries(f, f"bytes {offset}-{offset + length - 1}", attempt)
 
     async def copy_file(self, f: SourceFile, dest: Path, want_sha256: bool) -> str | None:
-        """Copy `f` to `dest` (created, preallocated). Returns the sha256 hex when asked for, else None."""
+        """Copy `f` to `dest` (created at its final size). Returns the sha256 hex when asked for, else None."""
         fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _size_file(fd, f.size)
