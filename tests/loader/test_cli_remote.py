@@ -220,12 +220,18 @@ def _slow_http_load(
     return src, proxy, args
 
 
+def _start_mid_load(args: list[str], proxy: FaultProxy, ranges: int) -> subprocess.Popen[str]:
+    """Start the CLI and return once the proxy has seen `ranges` ranged GETs: the load is under way."""
+    proc = subprocess.Popen(load_cmd(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: proxy.stats().ranged_gets >= ranges, timeout=30, what=f"{ranges} ranges")
+    return proc
+
+
 def test_size_changed_mid_load_publishes_nothing(
     tmp_path: Path, http_server: Callable[[Path], RangeHTTPServer], fault_proxy: Callable[..., FaultProxy]
 ) -> None:
     src, proxy, args = _slow_http_load(tmp_path, http_server, fault_proxy)
-    proc = subprocess.Popen(load_cmd(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: proxy.stats().ranged_gets >= 3, timeout=30, what="three ranges")
+    proc = _start_mid_load(args, proxy, ranges=3)
     write_model(src / "model.safetensors", scale=2)  # the upload is replaced by a smaller one mid-load
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 6, stderr
@@ -237,8 +243,7 @@ def test_same_size_rewrite_mid_load_is_caught_by_identity(
     tmp_path: Path, http_server: Callable[[Path], RangeHTTPServer], fault_proxy: Callable[..., FaultProxy]
 ) -> None:
     src, proxy, args = _slow_http_load(tmp_path, http_server, fault_proxy)
-    proc = subprocess.Popen(load_cmd(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: proxy.stats().ranged_gets >= 3, timeout=30, what="three ranges")
+    proc = _start_mid_load(args, proxy, ranges=3)
     before = (src / "model.safetensors").stat()
     write_model(src / "model.safetensors", seed=9, scale=16)  # same shapes, same size, new bytes
     os.utime(src / "model.safetensors", ns=(before.st_atime_ns, before.st_mtime_ns + 2_000_000_000))
@@ -252,8 +257,7 @@ def test_sigterm_mid_load_stops_promptly_and_cleans_staging(
     tmp_path: Path, http_server: Callable[[Path], RangeHTTPServer], fault_proxy: Callable[..., FaultProxy]
 ) -> None:
     _, proxy, args = _slow_http_load(tmp_path, http_server, fault_proxy)
-    proc = subprocess.Popen(load_cmd(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: proxy.stats().ranged_gets >= 3, timeout=30, what="three ranges")
+    proc = _start_mid_load(args, proxy, ranges=3)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=30)
@@ -302,8 +306,7 @@ def test_sigkill_at_several_points_never_harms_current_and_restart_completes(
         # Kill during the header reads, early in the big shard, and once it is complete (2 header reads + 17).
         for kill_after in (1, 6, 22):
             proxy.reset_stats()
-            proc = subprocess.Popen(load_cmd(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            wait_until(lambda n=kill_after: proxy.stats().ranged_gets >= n, timeout=30, what=f"{kill_after} ranges")
+            proc = _start_mid_load(args, proxy, ranges=kill_after)
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             assert os.readlink(store / "m" / "current") == "versions/1"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -50,13 +51,12 @@ def metric_samples(text: str) -> dict[str, float]:
     return out
 
 
-@pytest.fixture
-def sidecar(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path, Path]]:
-    src = write_model_dir(tmp_path / "src")
-    store = tmp_path / "store"
+@contextlib.contextmanager
+def watching_sidecar(source: Path, store: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`warmpod load SOURCE --watch 0.2 --port P` as a process; yields it and its base URL, always stops it."""
     port = free_port()
     proc = subprocess.Popen(
-        load_cmd(src, "--model", "m", "--store", store, "--watch", "0.2", "--port", str(port)),
+        load_cmd(source, "--model", "m", "--store", store, "--watch", "0.2", "--port", str(port)),
         env=cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -64,11 +64,19 @@ def sidecar(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path, 
         stdin=subprocess.DEVNULL,
     )
     try:
-        yield proc, f"http://127.0.0.1:{port}", src, store
+        yield proc, f"http://127.0.0.1:{port}"
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+@pytest.fixture
+def sidecar(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path, Path]]:
+    src = write_model_dir(tmp_path / "src")
+    store = tmp_path / "store"
+    with watching_sidecar(src, store) as (proc, base):
+        yield proc, base, src, store
 
 
 def test_watching_sidecar_serves_health_ready_metrics_and_publishes_new_versions(
@@ -106,17 +114,7 @@ def test_watching_sidecar_serves_health_ready_metrics_and_publishes_new_versions
 def test_ready_is_503_until_a_version_exists_and_errors_are_counted(tmp_path: Path) -> None:
     store = tmp_path / "store"
     missing = tmp_path / "not-yet"
-    port = free_port()
-    proc = subprocess.Popen(
-        load_cmd(missing, "--model", "m", "--store", store, "--watch", "0.2", "--port", str(port)),
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
+    with watching_sidecar(missing, store) as (proc, base):
         wait_for(lambda: _errors(base) >= 2, what="two failed polls")
         assert get(f"{base}/ready")[0] == 503
         assert get(f"{base}/healthz")[0] == 200  # alive: a missing source is not a reason to restart
@@ -124,10 +122,6 @@ def test_ready_is_503_until_a_version_exists_and_errors_are_counted(tmp_path: Pa
         wait_for(lambda: get(f"{base}/ready")[0] == 200, what="/ready after the source appears")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 def _errors(base: str) -> float:
