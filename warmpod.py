@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 # subcommand → (module, help). The module has `main(argv) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "load": ("loader.cli", "stream a safetensors model into the shared-memory store"),
+    "serve": ("server.cli", "serve a staged model over Open Inference Protocol v2 and OpenAI embeddings"),
 }
 
 

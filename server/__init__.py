@@ -1,1 +1,2 @@
-"""warmpod server: the HTTP inference endpoint over the shared-memory store (see issue 3)."""
+"""The HTTP inference server: maps staged weights read-only, builds the torch model on them, serves Open Inference
+Protocol v2 (+ OpenAI embeddings) with dynamic batching, backpressure, graceful drain and hot model swap."""

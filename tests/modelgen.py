@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import struct
 from pathlib import Path
@@ -70,3 +71,62 @@ def sha256_file(path: Path) -> str:
 def tree_digests(root: Path) -> dict[str, str]:
     """{relative path: sha256} of every file under root (to compare a staged version with its source)."""
     return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_mlp_dir(
+    root: Path,
+    sizes: tuple[int, ...] = (4, 16, 3),
+    *,
+    seed: int = 0,
+    activation: str = "relu",
+    output_activation: str | None = "softmax",
+    labels: list[str] | None = None,
+    dtype: Any = np.float32,
+) -> Path:
+    """An MLP model directory (config.json + model.safetensors) for the server's `mlp` family."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    weights = {}
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        weights[f"layers.{i}.weight"] = (rng.standard_normal((b, a)) / np.sqrt(a)).astype(dtype)
+        weights[f"layers.{i}.bias"] = (rng.standard_normal(b) * 0.1).astype(dtype)
+    save_file(weights, str(root / "model.safetensors"))
+    config: dict[str, Any] = {
+        "model_type": "mlp",
+        "input_size": sizes[0],
+        "hidden_sizes": list(sizes[1:-1]),
+        "output_size": sizes[-1],
+        "activation": activation,
+        "output_activation": output_activation,
+    }
+    if labels is not None:
+        config["labels"] = labels
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def mlp_reference(root: Path, x: np.ndarray, activation: str = "relu") -> np.ndarray:
+    """The MLP's logits computed with numpy from the files (an independent check of the served outputs)."""
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(root / "model.safetensors"))
+    n = len(weights) // 2
+    h = x.astype(np.float64)
+    for i in range(n):
+        h = h @ weights[f"layers.{i}.weight"].astype(np.float64).T + weights[f"layers.{i}.bias"].astype(np.float64)
+        if i < n - 1:
+            h = {"relu": lambda v: np.maximum(v, 0), "tanh": np.tanh}[activation](h)
+    return h.astype(np.float32)
+
+
+def write_slow_dir(root: Path, sleep_s: float) -> Path:
+    """A model for `--factory tests.server.factories:slow`: a 4→4 linear layer whose forward sleeps."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    save_file(
+        {"proj.weight": rng.standard_normal((4, 4)).astype(np.float32), "proj.bias": np.zeros(4, np.float32)},
+        str(root / "model.safetensors"),
+    )
+    io = {"name": "input", "datatype": "FP32", "shape": [-1, 4]}
+    (root / "config.json").write_text(json.dumps({"sleep_s": sleep_s, "inputs": [io]}))
+    return root

@@ -1,0 +1,434 @@
+"""The aiohttp application: Open Inference Protocol v2 + OpenAI embeddings over the batcher, with drain and hot swap.
+
+`create_app(config)` builds it; nothing runs at import. The model, the batcher and the version watcher live in
+cleanup contexts. The model is loaded in the background so the server answers liveness (and "not ready") while the
+loader is still streaming; readiness turns true only after the warm-up forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from loader.store import StagedModel, VersionWatcher, open_model
+from server import openai_api, v2
+from server.batcher import BatchQueue
+from server.errors import BadRequest, ModelError, NotFound, PayloadTooLarge, ServerError, Unavailable
+from server.metrics import ServerMetrics
+from server.model import ServedModel
+from server.tensors import Tensor
+
+log = logging.getLogger("warmpod.server")
+
+INFERENCE_ROUTES = ("infer", "embeddings")  # the routes whose latency, in-flight count and rejections are measured
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str
+    store: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_batch_size: int = 32
+    max_batch_delay_ms: float = 5.0
+    max_queue: int = 256
+    threads: int = 1
+    max_body_bytes: int = 32 << 20
+    request_timeout_s: float = 30.0
+    drain_grace_s: float = 25.0
+    poll_interval_s: float = 0.25
+    factory: str | None = None
+    truncate: bool | None = None
+    process_start: float = field(default_factory=lambda: process_start_time())
+
+
+def process_start_time() -> float:
+    """When this process started (wall clock), from /proc; now, where /proc is unavailable."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat", encoding="ascii") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+class ServerState:
+    """What the handlers read: the model being served, readiness, drain, and the process's exit code."""
+
+    def __init__(self) -> None:
+        self.model: ServedModel | None = None
+        self.draining = False
+        self.inflight = 0
+        self.exit_code: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.fatal: str | None = None  # why the process stops with an error
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None and not self.draining
+
+    def stop(self, code: int, fatal: str | None = None) -> None:
+        if not self.exit_code.done():
+            self.fatal = fatal
+            self.exit_code.set_result(code)
+
+
+CONFIG = web.AppKey("config", ServerConfig)
+METRICS = web.AppKey("metrics", ServerMetrics)
+STATE = web.AppKey("state", ServerState)
+BATCHER = web.AppKey("batcher", BatchQueue)
+EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
+
+
+def create_app(config: ServerConfig, registry: CollectorRegistry | None = None) -> web.Application:
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[errors_and_metrics])
+    app[CONFIG] = config
+    app[METRICS] = ServerMetrics(registry if registry is not None else CollectorRegistry())
+    app.cleanup_ctx.extend([state_ctx, batcher_ctx, model_ctx])
+    app.router.add_get("/v2/health/live", live, name="live")
+    app.router.add_get("/v2/health/ready", ready, name="ready")
+    app.router.add_get("/v2", server_metadata, name="server_metadata")
+    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        app.router.add_get(prefix, model_metadata)
+        app.router.add_get(prefix + "/ready", model_ready)
+        app.router.add_post(prefix + "/infer", infer, name="infer" if "version" not in prefix else "infer_version")
+    app.router.add_post("/v1/embeddings", embeddings, name="embeddings")
+    app.router.add_get("/v1/models", openai_models)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+# ------------------------------------------------------------------------------------------ resources
+
+
+async def state_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[STATE] = ServerState()
+    yield
+
+
+async def batcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    # One forward at a time: the model's intra-op threads (--threads) are where the parallelism goes.
+    app[EXECUTOR] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+    app[BATCHER] = batcher = BatchQueue(
+        model_name=config.model,
+        max_batch_size=config.max_batch_size,
+        max_delay_s=config.max_batch_delay_ms / 1000,
+        max_queue=config.max_queue,
+        executor=app[EXECUTOR],
+        metrics=app[METRICS],
+    )
+    task = asyncio.create_task(batcher.run_forever(), name="batcher")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    app[EXECUTOR].shutdown(wait=True, cancel_futures=True)
+
+
+async def model_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(serve_model(app), name="model")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    state = app[STATE]
+    if state.model is not None:
+        state.model.close()
+        state.model = None
+
+
+async def serve_model(app: web.Application) -> None:
+    """Wait for the loader's first version, build it, report ready; then follow new versions (hot swap)."""
+    config, state, metrics = app[CONFIG], app[STATE], app[METRICS]
+    try:
+        model = state.model = await build(app, await wait_published(config))
+    except ModelError as e:
+        state.stop(5, str(e))
+        return
+    cold = time.time() - config.process_start
+    metrics.cold_start_seconds.labels(config.model).set(cold)
+    metrics.ready.set(0 if state.draining else 1)
+    log.info("ready: model %s version %s (%s), cold start %.2f s", config.model, model.version, model.family, cold)
+    watcher = VersionWatcher(config.store, config.model, seen=model.version)
+    del model  # this frame lives as long as the server: it must not keep a version mapped after a swap
+    while True:
+        await asyncio.sleep(config.poll_interval_s)
+        if state.draining:
+            continue
+        version = await asyncio.to_thread(watcher.poll)
+        if version is not None:
+            await swap(app, version)
+
+
+async def wait_published(config: ServerConfig) -> StagedModel:
+    logged = -1e9
+    while True:
+        try:
+            return await asyncio.to_thread(open_model, config.store, config.model)
+        except FileNotFoundError:
+            if time.monotonic() - logged > 30:
+                log.info("waiting for the loader to publish %s in %s", config.model, config.store)
+                logged = time.monotonic()
+            await asyncio.sleep(config.poll_interval_s)
+
+
+async def build(app: web.Application, staged: StagedModel) -> ServedModel:
+    """Build a model on a staged version off the event loop (map, assign, warm-up), timing it."""
+    config, metrics = app[CONFIG], app[METRICS]
+    started = time.monotonic()
+    try:
+        model = await asyncio.to_thread(build_in_thread, staged, config)
+    except ModelError:
+        metrics.model_load_failures.labels(config.model).inc()
+        raise
+    metrics.model_load_seconds.labels(config.model).observe(time.monotonic() - started)
+    metrics.model_version.labels(config.model, staged.version, model.family).set(1)
+    return model
+
+
+def build_in_thread(staged: StagedModel, config: ServerConfig) -> ServedModel:
+    """Runs off the loop: the first call also imports torch (~1.5 s), while the server already answers /live."""
+    import torch
+
+    from server.families import build_model
+
+    torch.set_num_threads(config.threads)
+    return build_model(staged, factory=config.factory, truncate=config.truncate)
+
+
+async def swap(app: web.Application, version: str) -> None:
+    """Build the newly published version beside the old one, switch between batches, then release the old one."""
+    config, state, batcher = app[CONFIG], app[STATE], app[BATCHER]
+    try:
+        staged = await asyncio.to_thread(open_model, config.store, config.model)
+        new = await build(app, staged)
+    except (ModelError, FileNotFoundError) as e:
+        log.error("version %s of %s cannot be served, keeping version %s: %s", version, config.model,
+                  state.model.version if state.model else "-", e)  # fmt: skip
+        return
+    old, state.model = state.model, new  # requests prepared from now on run on the new model
+    log.info("swapped %s: version %s -> %s", config.model, old.version if old else "-", new.version)
+    if old is None:
+        return
+    app[METRICS].model_version.labels(config.model, old.version, old.family).set(0)
+    deadline = time.monotonic() + config.request_timeout_s
+    while batcher.busy_with(old) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    old.close()
+    del old
+    gc.collect()  # unmap the old version now, not at some later collection
+
+
+async def drain(app: web.Application) -> None:
+    """Readiness false at once, new requests 503; queued and in-flight requests finish (up to the grace period)."""
+    state, config = app[STATE], app[CONFIG]
+    if state.draining:
+        return
+    state.draining = True
+    app[METRICS].ready.set(0)
+    log.info("draining: %d request(s) in flight, grace period %.0f s", state.inflight, config.drain_grace_s)
+    deadline = time.monotonic() + config.drain_grace_s
+    while (state.inflight or not app[BATCHER].idle()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    if state.inflight:
+        log.warning("grace period over with %d request(s) still in flight", state.inflight)
+    state.stop(0)
+
+
+# ------------------------------------------------------------------------------------------ middleware
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place errors become responses: `{"error": ...}` (OpenAI's shape on /v1); inference routes measured."""
+    route = request.match_info.route.name
+    measured = route is not None and route.startswith(INFERENCE_ROUTES)
+    app = request.app
+    config, metrics, state = app[CONFIG], app[METRICS], app[STATE]
+    started = time.monotonic()
+    if measured:
+        state.inflight += 1
+        metrics.inflight.labels(config.model).inc()
+    try:
+        response = await _handle(request, handler)
+    finally:
+        if measured:
+            state.inflight -= 1
+            metrics.inflight.labels(config.model).dec()
+    if measured:
+        endpoint = "embeddings" if route == "embeddings" else "infer"
+        code = str(response.status)
+        metrics.request_seconds.labels(config.model, endpoint, code).observe(time.monotonic() - started)
+        reason = response.headers.get("X-Warmpod-Rejected")
+        if reason:
+            metrics.rejected.labels(config.model, reason).inc()
+    return response
+
+
+async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ServerError as e:
+        return error_response(request, e)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        if e.status == 413:
+            return error_response(request, PayloadTooLarge(f"request body larger than the limit: {e.text}"))
+        err = NotFound(f"no route {request.method} {request.path}") if e.status == 404 else ServerError(e.reason)
+        err.status = e.status
+        return error_response(request, err)
+    except Exception as e:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(request, ServerError(f"internal error: {type(e).__name__}: {e}"))
+
+
+def error_response(request: web.Request, error: ServerError) -> web.Response:
+    headers = {"X-Warmpod-Rejected": error.reason}
+    if isinstance(error, Unavailable):
+        headers["Retry-After"] = str(error.retry_after_s)
+    if request.path.startswith("/v1/"):
+        kind = "invalid_request_error" if error.status < 500 else "server_error"
+        body = openai_api.openai_error_body(str(error), kind, error.reason)
+    else:
+        body = v2.error_body(str(error))
+    return web.Response(status=error.status, body=body, content_type="application/json", headers=headers)
+
+
+# ------------------------------------------------------------------------------------------ handlers
+
+
+def _json(payload: Any, status: int = 200) -> web.Response:
+    return web.json_response(payload, status=status)
+
+
+async def live(request: web.Request) -> web.Response:
+    return _json({"live": True})
+
+
+async def ready(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return _json({"ready": state.ready}, status=200 if state.ready else 503)
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("warmpod")
+    except PackageNotFoundError:
+        ours = "dev"
+    return _json({"name": "warmpod", "version": ours, "extensions": ["binary_tensor_data", "openai_embeddings"]})
+
+
+def served_model(request: web.Request) -> ServedModel:
+    """The model a /v2/models/{model}[/versions/{version}] route names: 404 if unknown, 503 if not ready yet."""
+    config, state = request.app[CONFIG], request.app[STATE]
+    name = request.match_info["model"]
+    if name != config.model:
+        raise NotFound(f"unknown model {name!r}; this server serves {config.model!r}")
+    model = state.model
+    if model is None:
+        raise Unavailable(f"model {name!r} is not ready yet (waiting for the loader)", reason="not_ready")
+    version = request.match_info.get("version")
+    if version is not None and version != model.version:
+        raise NotFound(f"model {name!r} has no version {version!r} being served; the served version is {model.version}")
+    return model
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    return _json(served_model(request).metadata())
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    try:
+        served_model(request)
+    except Unavailable:
+        return _json({"name": request.match_info["model"], "ready": False}, status=503)
+    state = request.app[STATE]
+    return _json({"name": request.match_info["model"], "ready": state.ready}, status=200 if state.ready else 503)
+
+
+def deadline_for(request: web.Request, parameters: dict[str, Any] | None = None) -> float:
+    """Arrival + the server's request timeout, or less when the request asks (V2 `parameters.timeout`, in µs)."""
+    timeout = request.app[CONFIG].request_timeout_s
+    asked = (parameters or {}).get("timeout")
+    if asked is not None:
+        if not isinstance(asked, int) or isinstance(asked, bool) or asked <= 0:
+            raise BadRequest(f"parameters.timeout must be a positive integer of microseconds, got {asked!r}")
+        timeout = min(timeout, asked / 1e6)
+    return time.monotonic() + timeout
+
+
+def refuse_while_draining(request: web.Request) -> None:
+    if request.app[STATE].draining:
+        raise Unavailable("the server is draining (shutting down); retry on another replica", reason="draining")
+
+
+async def infer(request: web.Request) -> web.Response:
+    refuse_while_draining(request)
+    model = served_model(request)
+    header_length = v2.parse_header_length(request.headers.get("Inference-Header-Content-Length"))
+    body = await request.read()
+    req = v2.parse_infer_request(body, header_length)
+    deadline = deadline_for(request, req.parameters)
+    prepared = model.prepare(req.inputs)
+    selected = v2.select_outputs(req, [s.name for s in model.outputs])
+    outputs = await request.app[BATCHER].submit(prepared, deadline)
+    runner = prepared.model or model  # after a hot swap the request still reports the version that ran it
+    specs = {s.name: s for s in runner.outputs}
+    tensors = [(Tensor(n, specs[n].datatype, outputs[n].shape, outputs[n]), binary) for n, binary in selected]
+    try:
+        payload, json_length = v2.encode_infer_response(runner.name, runner.version, req.id, tensors)
+    except ValueError as e:  # NaN/Inf or non-UTF-8 bytes cannot be JSON: the message says to ask for binary_data
+        raise BadRequest(str(e)) from None
+    if json_length is None:
+        return web.Response(body=payload, content_type="application/json")
+    headers = {"Inference-Header-Content-Length": str(json_length)}
+    return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    refuse_while_draining(request)
+    config, state = request.app[CONFIG], request.app[STATE]
+    req = openai_api.parse_embeddings_request(await request.read())
+    if req.model != config.model:
+        raise NotFound(f"unknown model {req.model!r}; this server serves {config.model!r}")
+    model = state.model
+    if model is None:
+        raise Unavailable(f"model {config.model!r} is not ready yet (waiting for the loader)", reason="not_ready")
+    if not model.is_text_embedding:
+        raise BadRequest(f"model {model.name!r} ({model.family}) is not a text embedding model")
+    openai_api.check_dimensions(req.dimensions, model.outputs[0].shape[-1])
+    prepared = model.prepare_texts(req.texts)
+    vectors = (await request.app[BATCHER].submit(prepared, deadline_for(request)))["embedding"]
+    payload = openai_api.encode_embeddings_response(model.name, vectors, req.encoding_format, prepared.tokens)
+    return web.Response(body=payload, content_type="application/json")
+
+
+async def openai_models(request: web.Request) -> web.Response:
+    config, state = request.app[CONFIG], request.app[STATE]
+    data = [{"id": config.model, "object": "model", "created": int(config.process_start), "owned_by": "warmpod"}]
+    return _json({"object": "list", "data": data if state.model is not None else []})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,208 @@
+"""Dynamic batching: requests arriving within max-batch-delay of the first one share one forward pass.
+
+The delay is a fixed deadline set when the first request of a batch arrives — later arrivals never extend it. A
+batch closes at that deadline or as soon as it holds max-batch-size rows, whichever comes first; the forward pass
+runs on a worker thread so the event loop keeps accepting requests, and each request gets exactly its own rows back.
+The queue is bounded: when it is full, `submit` refuses at once (503) instead of letting memory and latency grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.errors import DeadlineExceeded, ServerError, Unavailable
+from server.metrics import ServerMetrics
+from server.model import Prepared, ServedModel
+
+log = logging.getLogger(__name__)
+
+Outputs = dict[str, np.ndarray]
+
+
+@dataclass
+class Pending:
+    """A request waiting for its share of a batch."""
+
+    prepared: Prepared
+    enqueued: float
+    deadline: float
+    future: asyncio.Future[Outputs] = field(repr=False)
+    abandoned: bool = False  # the client gave up (deadline or disconnect): skip it if it has not started
+
+
+def take_batch(queue: deque[Pending], max_rows: int) -> list[Pending]:
+    """Pop the next batch off the queue's head.
+
+    The first request is always taken (one larger than `max_rows` runs alone); later ones join while the rows fit
+    and they were prepared by the same model (after a hot swap, requests prepared by the old model run on it).
+    """
+    batch = [queue.popleft()]
+    rows, model = batch[0].prepared.rows, batch[0].prepared.model
+    while queue and queue[0].prepared.model is model and rows + queue[0].prepared.rows <= max_rows:
+        rows += queue[0].prepared.rows
+        batch.append(queue.popleft())
+    return batch
+
+
+def rows_ready(queue: deque[Pending], max_rows: int) -> int:
+    """Rows the next batch would hold if it closed now (stops counting once `max_rows` is reached)."""
+    if not queue:
+        return 0
+    rows, model = 0, queue[0].prepared.model
+    for p in queue:
+        if p.prepared.model is not model or rows >= max_rows:
+            break
+        rows += p.prepared.rows
+    return rows
+
+
+def run_isolated(model: ServedModel, batch: Sequence[Prepared]) -> list[Outputs | Exception]:
+    """Run a batch; if it fails, run its requests one by one so one bad request fails alone (worker thread)."""
+    try:
+        return list(model.run(batch))
+    except Exception as e:
+        if len(batch) == 1:
+            return [e]
+    results: list[Outputs | Exception] = []
+    for p in batch:
+        try:
+            results.append(model.run([p])[0])
+        except Exception as e:
+            results.append(e)
+    return results
+
+
+class BatchQueue:
+    """The bounded queue in front of the model, and the task that turns it into batches."""
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue: int,
+        executor: Executor,
+        metrics: ServerMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model_name = model_name
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self.executor = executor
+        self.metrics = metrics
+        self.clock = clock
+        self._queue: deque[Pending] = deque()
+        self._running: list[Pending] = []
+        self._arrived = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, prepared: Prepared, deadline: float) -> Outputs:
+        """Queue one request and wait for its rows. Unavailable when the queue is full, DeadlineExceeded at the
+        deadline (the request is dropped if it has not started)."""
+        if len(self._queue) >= self.max_queue:
+            raise Unavailable(
+                f"the batch queue is full ({self.max_queue} requests waiting); retry later or on another replica",
+                reason="queue_full",
+            )
+        now = self.clock()
+        pending = Pending(prepared, now, deadline, asyncio.get_running_loop().create_future())
+        self._queue.append(pending)
+        self._gauge()
+        self._arrived.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending.future), max(0.0, deadline - now))
+        except TimeoutError:
+            pending.abandoned = True
+            raise DeadlineExceeded(f"no result within the request deadline ({deadline - now:.3g} s)") from None
+        except asyncio.CancelledError:
+            pending.abandoned = True
+            raise
+
+    def busy_with(self, model: ServedModel) -> bool:
+        """True while a request prepared by `model` is queued or running."""
+        return any(p.prepared.model is model for p in (*self._queue, *self._running))
+
+    def idle(self) -> bool:
+        return not self._queue and not self._running
+
+    async def run_forever(self) -> None:
+        while True:
+            while not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            await self._fill(due=self._queue[0].enqueued + self.max_delay_s)
+            batch = take_batch(self._queue, self.max_batch_size)
+            self._gauge()
+            await self._run(batch)
+
+    async def _fill(self, due: float) -> None:
+        """Wait until the batch is full or its fixed deadline passes."""
+        while rows_ready(self._queue, self.max_batch_size) < self.max_batch_size:
+            remaining = due - self.clock()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return
+
+    async def _run(self, batch: list[Pending]) -> None:
+        start = self.clock()
+        live = []
+        for p in batch:
+            if p.abandoned or p.future.done():
+                continue
+            if p.deadline <= start:
+                p.future.set_exception(DeadlineExceeded("the request deadline passed while it waited in the queue"))
+                continue
+            live.append(p)
+        if not live:
+            return
+        model = live[0].prepared.model
+        assert model is not None, "a prepared request always names its model"
+        if self.metrics is not None:
+            for p in live:
+                self.metrics.queue_wait_seconds.labels(self.model_name).observe(start - p.enqueued)
+            self.metrics.batch_size.labels(self.model_name).observe(sum(p.prepared.rows for p in live))
+        self._running = live
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.executor, run_isolated, model, [p.prepared for p in live]
+            )
+        except Exception as e:  # the executor itself failed (shut down): every request of the batch gets it
+            results = [e] * len(live)
+        finally:
+            self._running = []
+        if self.metrics is not None:
+            self.metrics.batch_seconds.labels(self.model_name).observe(self.clock() - start)
+        for p, result in zip(live, results, strict=True):
+            if p.future.done():
+                continue
+            if isinstance(result, Exception):
+                p.future.set_exception(_as_server_error(result))
+            else:
+                p.future.set_result(result)
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queued.labels(self.model_name).set(len(self._queue))
+
+
+def _as_server_error(e: Exception) -> ServerError:
+    if isinstance(e, ServerError):
+        return e
+    log.error("forward pass failed", exc_info=e)
+    return ServerError(f"the model's forward pass failed: {type(e).__name__}: {e}")

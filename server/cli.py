@@ -1,0 +1,137 @@
+"""`warmpod serve`: the inference server's command line (flags → ServerConfig → aiohttp on one port, signals)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from loader.plan import parse_size
+from loader.store import DEFAULT_ROOT
+from server.app import ServerConfig, process_start_time
+
+log = logging.getLogger("warmpod.server")
+
+
+def _positive(kind: type[int] | type[float], minimum: float = 1) -> Callable[[str], int | float]:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        return value
+
+    return parse
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="warmpod serve",
+        description="Serve a staged model over Open Inference Protocol v2 (and OpenAI /v1/embeddings).",
+    )
+    p.add_argument("--model", required=True, help="model name in the store (as given to `warmpod load --model`)")
+    p.add_argument(
+        "--store",
+        type=Path,
+        default=Path(os.environ.get("WARMPOD_STORE", DEFAULT_ROOT)),
+        help=f"store root (default $WARMPOD_STORE or {DEFAULT_ROOT})",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 in a pod)")
+    p.add_argument("--port", type=_positive(int, 0), default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--max-batch-size", type=_positive(int), default=32, help="rows per forward pass (default 32)")
+    p.add_argument(
+        "--max-batch-delay-ms",
+        type=_positive(float, 0),
+        default=5.0,
+        help="how long a batch waits for more requests after its first one arrives (default 5 ms)",
+    )
+    p.add_argument("--max-queue", type=_positive(int), default=256, help="requests waiting before 503s (default 256)")
+    p.add_argument("--threads", type=_positive(int), default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--max-body-bytes", type=_size, default=32 << 20, help="request body limit (default 32MiB)")
+    p.add_argument(
+        "--request-timeout", type=_positive(float, 0.001), default=30.0, help="per-request deadline, seconds (30)"
+    )
+    p.add_argument(
+        "--drain-grace", type=_positive(float, 0), default=25.0, help="seconds to finish requests on SIGTERM (25)"
+    )
+    p.add_argument("--factory", help="serve any nn.Module: package.module:function (receives config.json's dict)")
+    p.add_argument(
+        "--no-truncate",
+        dest="truncate",
+        action="store_false",
+        default=None,
+        help="text longer than the model's limit → 400, instead of truncating as the model's files say",
+    )
+    p.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT: several servers share one port")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        model=args.model,
+        store=args.store,
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
+        max_batch_delay_ms=args.max_batch_delay_ms,
+        max_queue=args.max_queue,
+        threads=args.threads,
+        max_body_bytes=args.max_body_bytes,
+        request_timeout_s=args.request_timeout,
+        drain_grace_s=args.drain_grace,
+        factory=args.factory,
+        truncate=args.truncate,
+        process_start=process_start_time(),
+    )
+
+
+async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:
+    """Run until SIGTERM/SIGINT (drain, exit 0) or a model that cannot be served (exit 5)."""
+    from aiohttp import web
+
+    from server.app import STATE, create_app, drain
+
+    app = create_app(config)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port or None)
+        try:
+            await site.start()
+        except OSError as e:
+            print(f"warmpod serve: error: cannot listen on {config.host}:{config.port}: {e.strerror}", file=sys.stderr)
+            return 2
+        host, port = runner.addresses[0][:2]
+        print(f"warmpod serve: listening on http://{host}:{port} (model {config.model}, store {config.store})",
+              file=sys.stderr, flush=True)  # fmt: skip
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(drain(app)))
+        state = app[STATE]
+        code = await state.exit_code
+        if state.fatal:
+            print(f"warmpod serve: error: {state.fatal}", file=sys.stderr, flush=True)
+        return code
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    config = config_from_args(args)
+    return asyncio.run(serve(config, reuse_port=args.reuse_port))

@@ -1,0 +1,51 @@
+"""Model families: how staged files become a ServedModel.
+
+The family is chosen from the staged `config.json`: `model_type` "bert" → sentence embeddings (`bert.py`),
+"mlp" → MLP / classifier (`mlp.py`); or any nn.Module when the operator names a factory (`factory.py`).
+"""
+
+from __future__ import annotations
+
+from loader.store import StagedModel
+from server.errors import ModelError
+from server.families.common import read_config
+from server.model import ServedModel
+
+BERT_TYPES = ("bert",)
+FAMILIES = "model_type 'bert' (sentence embeddings) or 'mlp' (MLP / classifier)"
+
+
+def build_model(staged: StagedModel, *, factory: str | None = None, truncate: bool | None = None) -> ServedModel:
+    """Build the served model on the staged (read-only, zero-copy) weights and run one warm-up forward.
+
+    Raises ModelError with a message naming what is unknown, missing, extra or mis-shaped.
+    """
+    config_path = staged.file_path("config.json")
+    config = read_config(config_path, required=factory is None)
+    model: ServedModel
+    if factory is not None:
+        from server.families.factory import FactoryModel
+
+        model = FactoryModel.from_staged(staged.name, staged, config, factory)
+    elif config.get("model_type") in BERT_TYPES:
+        from server.families.bert import BertEncoder
+
+        model = BertEncoder.from_staged(staged.name, staged, config, truncate=truncate)
+    elif config.get("model_type") == "mlp":
+        from server.families.mlp import MLPModel
+
+        model = MLPModel.from_staged(staged.name, staged, config)
+    else:
+        raise ModelError(
+            f"model {staged.name!r} version {staged.version}: unknown model_type {config.get('model_type')!r} in "
+            f"config.json; warmpod serves {FAMILIES}, or any nn.Module with --factory package.module:function"
+        )
+    try:
+        model.warm_up()
+    except ModelError:
+        raise
+    except Exception as e:  # a forward that cannot run on a valid request means the model is broken, not the request
+        raise ModelError(
+            f"model {staged.name!r} version {staged.version}: the warm-up forward failed: {type(e).__name__}: {e}"
+        ) from e
+    return model

@@ -1,0 +1,125 @@
+"""OpenAI embeddings API codec (POST /v1/embeddings): request JSON → EmbeddingsRequest, vectors → response JSON.
+
+Pure functions: no HTTP, no model. Errors on /v1 routes use `openai_error_body` so the openai client shows them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import numpy as np
+
+from server.errors import BadRequest
+
+EncodingFormat = Literal["float", "base64"]
+ENCODING_FORMATS: tuple[EncodingFormat, ...] = ("float", "base64")
+
+
+@dataclass
+class EmbeddingsRequest:
+    """A validated embeddings request: one or more non-empty texts."""
+
+    model: str
+    texts: list[str]
+    encoding_format: EncodingFormat
+    dimensions: int | None
+    user: str | None
+
+
+def parse_embeddings_request(body: bytes, max_inputs: int = 2048) -> EmbeddingsRequest:
+    """Decode and validate an embeddings request; unknown fields are ignored, as the OpenAI API does."""
+    try:
+        request = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise BadRequest(
+            f"malformed JSON in the request: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"the request JSON is not valid UTF-8: {e.reason} at byte {e.start}") from None
+    if not isinstance(request, dict):
+        raise BadRequest("the request body must be a JSON object with 'model' and 'input'")
+
+    model = request.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required: the name of the model to use (a non-empty string)")
+
+    encoding_format = request.get("encoding_format")
+    if encoding_format is None:
+        encoding_format = "float"
+    elif encoding_format not in ENCODING_FORMATS:
+        raise BadRequest(f"'encoding_format' must be 'float' or 'base64', got {json.dumps(encoding_format)}")
+
+    dimensions = request.get("dimensions")
+    if dimensions is not None and (type(dimensions) is not int or dimensions <= 0):
+        raise BadRequest(f"'dimensions' must be a positive integer, got {json.dumps(dimensions)}")
+
+    user = request.get("user")
+    if user is not None and not isinstance(user, str):
+        raise BadRequest("'user' must be a string")
+
+    texts = _texts(request.get("input"), max_inputs)
+    return EmbeddingsRequest(model, texts, cast(EncodingFormat, encoding_format), dimensions, user)
+
+
+def check_dimensions(requested: int | None, model_dim: int) -> None:
+    """This server returns the model's full vectors: `dimensions`, when given, must be exactly their size."""
+    if requested is not None and requested != model_dim:
+        raise BadRequest(
+            f"'dimensions' is {requested} but this model returns {model_dim}-dimensional embeddings; "
+            f"omit 'dimensions' or set it to {model_dim}"
+        )
+
+
+def encode_embeddings_response(
+    model: str, vectors: np.ndarray, encoding_format: EncodingFormat, prompt_tokens: int
+) -> bytes:
+    """The response body for `vectors` of shape (n, d), in request order.
+
+    base64 is the float32 little-endian bytes of each vector. float uses the shortest decimal that reads back to the
+    same float32; NaN/Inf raise ValueError there (JSON cannot carry them).
+    """
+    if vectors.ndim != 2:
+        raise ValueError(f"vectors must have shape (n, d), got {vectors.shape}")
+    floats = np.ascontiguousarray(vectors, dtype="<f4")
+    if encoding_format == "base64":
+        embeddings = [json.dumps(base64.b64encode(row.tobytes()).decode("ascii")) for row in floats]
+    else:
+        if not np.isfinite(floats).all():
+            raise ValueError("embeddings hold NaN or infinite values, which JSON cannot carry")
+        embeddings = ["[" + ",".join(row) + "]" for row in floats.astype(str).tolist()]
+    data = ",".join(
+        f'{{"object":"embedding","index":{index},"embedding":{embedding}}}'
+        for index, embedding in enumerate(embeddings)
+    )
+    usage = f'{{"prompt_tokens":{int(prompt_tokens)},"total_tokens":{int(prompt_tokens)}}}'
+    return f'{{"object":"list","data":[{data}],"model":{json.dumps(model)},"usage":{usage}}}'.encode()
+
+
+def openai_error_body(message: str, type_: str, code: str | None) -> bytes:
+    """An error body in OpenAI's shape, e.g. type_ "invalid_request_error" for a 400."""
+    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+
+
+def _texts(value: Any, max_inputs: int) -> list[str]:
+    if value is None:
+        raise BadRequest("'input' is required: a string or a list of strings")
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list):
+        raise BadRequest("'input' must be a string or a list of strings")
+    if not texts:
+        raise BadRequest("'input' is an empty list: send at least one string")
+    if len(texts) > max_inputs:
+        raise BadRequest(f"'input' has {len(texts)} items; at most {max_inputs} are allowed per request")
+    for index, text in enumerate(texts):
+        if isinstance(text, str):
+            if not text:
+                where = "'input'" if isinstance(value, str) else f"'input'[{index}]"
+                raise BadRequest(f"{where} is an empty string; every input must have text")
+        elif type(text) is int or isinstance(text, list):
+            raise BadRequest("'input' holds token ids; this server accepts only text (a string or a list of strings)")
+        else:
+            raise BadRequest(f"'input'[{index}] must be a string, got {json.dumps(text)}")
+    return texts
