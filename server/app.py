@@ -42,7 +42,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     max_batch_size: int = 32
-    max_batch_delay_ms: float = 5.0
+    max_batch_delay_ms: float = 2.0
     max_queue: int = 256
     threads: int = 1
     max_body_bytes: int = 32 << 20

@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-batch-delay-ms",
         type=_positive(float, 0),
-        default=5.0,
-        help="how long a batch waits for more requests after its first one arrives (default 5 ms)",
+        default=2.0,
+        help="how long a batch waits for more requests after its first one arrives (default 2 ms)",
     )
     p.add_argument("--max-queue", type=_positive(int), default=256, help="requests waiting before 503s (default 256)")
     p.add_argument("--threads", type=_positive(int), default=1, help="torch intra-op threads (default 1)")
