@@ -154,8 +154,12 @@ async def model_ctx(app: web.Application) -> AsyncIterator[None]:
 async def serve_model(app: web.Application) -> None:
     """Wait for the loader's first version, build it, report ready; then follow new versions (hot swap)."""
     config, state, metrics = app[CONFIG], app[STATE], app[METRICS]
+    # Import torch while the loader may still be streaming: the ~1.5 s import overlaps the wait, not the cold start.
+    torch_imported = asyncio.create_task(asyncio.to_thread(import_torch, config.threads), name="import torch")
+    staged = await wait_published(config)
+    await torch_imported
     try:
-        model = state.model = await build(app, await wait_published(config))
+        model = state.model = await build(app, staged)
     except ModelError as e:
         state.stop(5, str(e))
         return
@@ -164,7 +168,7 @@ async def serve_model(app: web.Application) -> None:
     metrics.ready.set(0 if state.draining else 1)
     log.info("ready: model %s version %s (%s), cold start %.2f s", config.model, model.version, model.family, cold)
     watcher = VersionWatcher(config.store, config.model, seen=model.version)
-    del model  # this frame lives as long as the server: it must not keep a version mapped after a swap
+    del model, staged  # this frame lives as long as the server: it must not keep a version mapped after a swap
     while True:
         await asyncio.sleep(config.poll_interval_s)
         if state.draining:
@@ -200,13 +204,19 @@ async def build(app: web.Application, staged: StagedModel) -> ServedModel:
     return model
 
 
-def build_in_thread(staged: StagedModel, config: ServerConfig) -> ServedModel:
-    """Runs off the loop: the first call also imports torch (~1.5 s), while the server already answers /live."""
+def import_torch(threads: int) -> None:
+    """Runs off the loop, so the server answers /live meanwhile. Sets the intra-op thread count (process-wide)."""
     import torch
 
+    import server.families.bert
+    import server.families.mlp  # noqa: F401  (the families import torch and tokenizers at module level)
+
+    torch.set_num_threads(threads)
+
+
+def build_in_thread(staged: StagedModel, config: ServerConfig) -> ServedModel:
     from server.families import build_model
 
-    torch.set_num_threads(config.threads)
     return build_model(staged, factory=config.factory, truncate=config.truncate)
 
 
