@@ -33,6 +33,7 @@ from server.tensors import Tensor
 log = logging.getLogger("warmpod.server")
 
 INFERENCE_ROUTES = ("infer", "embeddings")  # the routes whose latency, in-flight count and rejections are measured
+REJECTED = "warmpod_rejected"  # key on an error response: the reason label of warmpod_requests_rejected_total
 
 
 @dataclass(frozen=True)
@@ -286,7 +287,7 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         endpoint = "embeddings" if route == "embeddings" else "infer"
         code = str(response.status)
         metrics.request_seconds.labels(config.model, endpoint, code).observe(time.monotonic() - started)
-        reason = response.headers.get("X-Warmpod-Rejected")
+        reason = response.get(REJECTED)
         if reason:
             metrics.rejected.labels(config.model, reason).inc()
     return response
@@ -297,11 +298,25 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except ServerError as e:
         return error_response(request, e)
+    except web.HTTPMethodNotAllowed as e:
+        allowed = ", ".join(sorted(e.allowed_methods))
+        err = ServerError(f"method {e.method} is not allowed on {request.path}; use {allowed}")
+        err.status = 405
+        response = error_response(request, err)
+        response.headers["Allow"] = allowed
+        return response
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONFIG].max_body_bytes
+        return error_response(
+            request,
+            PayloadTooLarge(
+                f"request body larger than the server's limit of {limit} bytes: send fewer rows per request, "
+                "or raise the limit with --max-body-bytes"
+            ),
+        )
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        if e.status == 413:
-            return error_response(request, PayloadTooLarge(f"request body larger than the limit: {e.text}"))
         err = NotFound(f"no route {request.method} {request.path}") if e.status == 404 else ServerError(e.reason)
         err.status = e.status
         return error_response(request, err)
@@ -311,7 +326,7 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def error_response(request: web.Request, error: ServerError) -> web.Response:
-    headers = {"X-Warmpod-Rejected": error.reason}
+    headers = {}
     if isinstance(error, Unavailable):
         headers["Retry-After"] = str(error.retry_after_s)
     if request.path.startswith("/v1/"):
@@ -319,7 +334,9 @@ def error_response(request: web.Request, error: ServerError) -> web.Response:
         body = openai_api.openai_error_body(str(error), kind, error.reason)
     else:
         body = v2.error_body(str(error))
-    return web.Response(status=error.status, body=body, content_type="application/json", headers=headers)
+    response = web.Response(status=error.status, body=body, content_type="application/json", headers=headers)
+    response[REJECTED] = error.reason
+    return response
 
 
 # ------------------------------------------------------------------------------------------ handlers

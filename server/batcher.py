@@ -117,6 +117,8 @@ class BatchQueue:
                 reason="queue_full",
             )
         now = self.clock()
+        if deadline <= now:
+            raise DeadlineExceeded("the request deadline passed before the request was queued")
         pending = Pending(prepared, now, deadline, asyncio.get_running_loop().create_future())
         self._queue.append(pending)
         self._gauge()
@@ -125,7 +127,9 @@ class BatchQueue:
             return await asyncio.wait_for(asyncio.shield(pending.future), max(0.0, deadline - now))
         except TimeoutError:
             pending.abandoned = True
-            raise DeadlineExceeded(f"no result within the request deadline ({deadline - now:.3g} s)") from None
+            raise DeadlineExceeded(
+                f"no result within the request deadline (waited {self.clock() - now:.3g} s in the queue and forward)"
+            ) from None
         except asyncio.CancelledError:
             pending.abandoned = True
             raise

@@ -115,11 +115,20 @@ def _texts(value: Any, max_inputs: int) -> list[str]:
         raise BadRequest(f"'input' has {len(texts)} items; at most {max_inputs} are allowed per request")
     for index, text in enumerate(texts):
         if isinstance(text, str):
+            where = "'input'" if isinstance(value, str) else f"'input'[{index}]"
             if not text:
-                where = "'input'" if isinstance(value, str) else f"'input'[{index}]"
                 raise BadRequest(f"{where} is an empty string; every input must have text")
+            _check_encodable(where, text)
         elif type(text) is int or isinstance(text, list):
             raise BadRequest("'input' holds token ids; this server accepts only text (a string or a list of strings)")
         else:
             raise BadRequest(f"'input'[{index}] must be a string, got {json.dumps(text)}")
     return texts
+
+
+def _check_encodable(where: str, text: str) -> None:
+    """JSON can carry lone surrogates (\\ud800) that no UTF-8 text contains: refuse them, naming the position."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(f"{where} is not valid Unicode text: a lone surrogate at character {e.start}") from None

@@ -82,7 +82,15 @@ def parse_header_length(value: str | None) -> int | None:
 def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
     """Decode and validate a V2 inference request; `header_length` is None when the whole body is JSON."""
     json_end = len(body) if header_length is None else _check_header_length(header_length, len(body))
-    header = _load_json(body[:json_end])
+    try:
+        header = _load_json(body[:json_end])
+    except BadRequest:
+        if header_length is None and _bytes_after_json(body):
+            raise BadRequest(
+                "the body has bytes after its JSON: binary tensor data needs the Inference-Header-Content-Length "
+                "header (the length of the JSON part)"
+            ) from None
+        raise
     if not isinstance(header, dict):
         raise BadRequest(f"the request body must be a JSON object with an 'inputs' list, got {_type_name(header)}")
 
@@ -159,6 +167,16 @@ def _check_header_length(header_length: int, body_length: int) -> int:
 
 def _reject_constant(name: str) -> Any:
     raise BadRequest(f"malformed JSON in the request: {name} is not valid JSON (send NaN/Infinity as binary data)")
+
+
+def _bytes_after_json(body: bytes) -> bool:
+    """True when a JSON value is followed by more than whitespace (binary data sent without its header length)."""
+    text = body.decode("utf-8", errors="replace")
+    try:
+        _, end = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return False
+    return end < len(text.rstrip())
 
 
 def _load_json(text: bytes) -> Any:
@@ -333,7 +351,11 @@ def _json_array(where: str, datatype: str, flat: list[Any]) -> np.ndarray:
     dtype = NUMPY_DTYPES[datatype]
     if datatype == "BYTES":
         strings = np.empty(len(flat), dtype=object)
-        strings[:] = [value.encode() for value in flat]
+        try:
+            strings[:] = [value.encode() for value in flat]
+        except UnicodeEncodeError:  # JSON can carry lone surrogates (\ud800) that UTF-8 cannot
+            index = next(i for i, value in enumerate(flat) if not _encodable(value))
+            raise BadRequest(f"{where} element {index} is not valid Unicode text (a lone surrogate)") from None
         return strings
     if datatype in _FLOAT_TYPES:
         floats = _finite_array(flat, dtype)
@@ -347,6 +369,14 @@ def _json_array(where: str, datatype: str, flat: list[Any]) -> np.ndarray:
             bad = next(value for value in flat if not info.min <= value <= info.max)
             raise BadRequest(f"{where}: value {bad} is out of range for {datatype} ({info.min}..{info.max})")
     return np.asarray(flat, dtype=dtype)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _finite_array(values: list[int | float], dtype: np.dtype[Any]) -> np.ndarray | None:
