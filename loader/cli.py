@@ -28,20 +28,13 @@ from tqdm import tqdm
 from loader.errors import LoaderError, UsageError
 from loader.load import LoadEvents, LoadRequest, LoadResult, load
 from loader.metrics import LoaderMetrics
-from loader.plan import DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY, DEFAULT_MAX_BUFFER_BYTES, parse_size
+from loader.plan import DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY, DEFAULT_MAX_BUFFER_BYTES, size_arg
 from loader.sources import SourceFile, redact
 from loader.store import DEFAULT_ROOT, check_model_name, current_version, read_manifest
 from loader.stream import StreamSettings
 
 if TYPE_CHECKING:
     from aiohttp import web
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,13 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--chunk-size",
-        type=_size,
+        type=size_arg,
         default=DEFAULT_CHUNK_SIZE,
         help="bytes per range request, e.g. 16MiB (default 16MiB)",
     )
     p.add_argument(
         "--max-buffer",
-        type=_size,
+        type=size_arg,
         default=DEFAULT_MAX_BUFFER_BYTES,
         help="most bytes of range data held in memory at once (default 256MiB)",
     )

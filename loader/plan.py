@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import random
 import re
 from dataclasses import dataclass
@@ -61,6 +62,14 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r} (examples: 4096, 16MiB, 1GiB)")
     number, unit = float(m.group(1)), (m.group(2) or "").upper()
     return int(number * (1 << (10 * " KMGT".index(unit or " "))))
+
+
+def size_arg(text: str) -> int:
+    """`parse_size` as an argparse type: a bad size is a usage error that says why."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def human_bytes(n: float) -> str:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from loader.plan import parse_size
+from loader.plan import size_arg
 from loader.store import DEFAULT_ROOT
 from server.app import ServerConfig, process_start_time
 
@@ -29,13 +29,6 @@ def _positive(kind: type[int] | type[float], minimum: float = 1) -> Callable[[st
         return value
 
     return parse
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-queue", type=_positive(int), default=256, help="requests waiting before 503s (default 256)")
     p.add_argument("--threads", type=_positive(int), default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--max-body-bytes", type=_size, default=32 << 20, help="request body limit (default 32MiB)")
+    p.add_argument("--max-body-bytes", type=size_arg, default=32 << 20, help="request body limit (default 32MiB)")
     p.add_argument(
         "--request-timeout", type=_positive(float, 0.001), default=30.0, help="per-request deadline, seconds (30)"
     )

@@ -13,6 +13,7 @@ from typing import Any, Literal, cast
 import numpy as np
 
 from server.errors import BadRequest
+from server.v2 import load_json
 
 EncodingFormat = Literal["float", "base64"]
 ENCODING_FORMATS: tuple[EncodingFormat, ...] = ("float", "base64")
@@ -31,14 +32,7 @@ class EmbeddingsRequest:
 
 def parse_embeddings_request(body: bytes, max_inputs: int = 2048) -> EmbeddingsRequest:
     """Decode and validate an embeddings request; unknown fields are ignored, as the OpenAI API does."""
-    try:
-        request = json.loads(body)
-    except json.JSONDecodeError as e:
-        raise BadRequest(
-            f"malformed JSON in the request: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})"
-        ) from None
-    except UnicodeDecodeError as e:
-        raise BadRequest(f"the request JSON is not valid UTF-8: {e.reason} at byte {e.start}") from None
+    request = load_json(body)
     if not isinstance(request, dict):
         raise BadRequest("the request body must be a JSON object with 'model' and 'input'")
 

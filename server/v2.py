@@ -83,7 +83,7 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
     """Decode and validate a V2 inference request; `header_length` is None when the whole body is JSON."""
     json_end = len(body) if header_length is None else _check_header_length(header_length, len(body))
     try:
-        header = _load_json(body[:json_end])
+        header = load_json(body[:json_end])
     except BadRequest:
         if header_length is None and _bytes_after_json(body):
             raise BadRequest(
@@ -179,7 +179,8 @@ def _bytes_after_json(body: bytes) -> bool:
     return end < len(text.rstrip())
 
 
-def _load_json(text: bytes) -> Any:
+def load_json(text: bytes) -> Any:
+    """Strict JSON (no NaN/Infinity) from a request body; BadRequest saying where it is malformed."""
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
