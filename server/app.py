@@ -46,6 +46,7 @@ class ServerConfig:
     max_batch_delay_ms: float = 2.0
     max_queue: int = 256
     threads: int = 1
+    workers: int = 1
     max_body_bytes: int = 32 << 20
     request_timeout_s: float = 30.0
     drain_grace_s: float = 25.0
@@ -122,14 +123,15 @@ async def state_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def batcher_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    # One forward at a time: the model's intra-op threads (--threads) are where the parallelism goes.
-    app[EXECUTOR] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+    # --workers forward passes at once, each with --threads intra-op threads: workers x threads = about the CPU cores.
+    app[EXECUTOR] = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="forward")
     app[BATCHER] = batcher = BatchQueue(
         model_name=config.model,
         max_batch_size=config.max_batch_size,
         max_delay_s=config.max_batch_delay_ms / 1000,
         max_queue=config.max_queue,
         executor=app[EXECUTOR],
+        workers=config.workers,
         metrics=app[METRICS],
     )
     task = asyncio.create_task(batcher.run_forever(), name="batcher")

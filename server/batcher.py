@@ -91,6 +91,7 @@ class BatchQueue:
         max_delay_s: float,
         max_queue: int,
         executor: Executor,
+        workers: int = 1,
         metrics: ServerMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -102,8 +103,10 @@ class BatchQueue:
         self.metrics = metrics
         self.clock = clock
         self._queue: deque[Pending] = deque()
-        self._running: list[Pending] = []
+        self._running_items: dict[int, Pending] = {}  # by id(): the requests in forward passes now
         self._arrived = asyncio.Event()
+        self._workers = asyncio.Semaphore(workers)  # forward passes that may run at once
+        self._batches: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -136,20 +139,33 @@ class BatchQueue:
 
     def busy_with(self, model: ServedModel) -> bool:
         """True while a request prepared by `model` is queued or running."""
-        return any(p.prepared.model is model for p in (*self._queue, *self._running))
+        return any(p.prepared.model is model for p in (*self._queue, *self._running_items.values()))
 
     def idle(self) -> bool:
-        return not self._queue and not self._running
+        return not self._queue and not self._running_items
 
     async def run_forever(self) -> None:
-        while True:
-            while not self._queue:
-                self._arrived.clear()
-                await self._arrived.wait()
-            await self._fill(due=self._queue[0].enqueued + self.max_delay_s)
-            batch = take_batch(self._queue, self.max_batch_size)
-            self._gauge()
+        try:
+            while True:
+                await self._workers.acquire()  # a batch forms only when a worker can take it: meanwhile requests queue
+                while not self._queue:
+                    self._arrived.clear()
+                    await self._arrived.wait()
+                await self._fill(due=self._queue[0].enqueued + self.max_delay_s)
+                batch = take_batch(self._queue, self.max_batch_size)
+                self._gauge()
+                task = asyncio.create_task(self._run_then_release(batch))
+                self._batches.add(task)
+                task.add_done_callback(self._batches.discard)
+        finally:
+            for task in list(self._batches):
+                task.cancel()
+
+    async def _run_then_release(self, batch: list[Pending]) -> None:
+        try:
             await self._run(batch)
+        finally:
+            self._workers.release()
 
     async def _fill(self, due: float) -> None:
         """Wait until the batch is full or its fixed deadline passes."""
@@ -181,7 +197,7 @@ class BatchQueue:
             for p in live:
                 self.metrics.queue_wait_seconds.labels(self.model_name).observe(start - p.enqueued)
             self.metrics.batch_size.labels(self.model_name).observe(sum(p.prepared.rows for p in live))
-        self._running = live
+        self._running_items.update((id(p), p) for p in live)
         try:
             results = await asyncio.get_running_loop().run_in_executor(
                 self.executor, run_isolated, model, [p.prepared for p in live]
@@ -189,7 +205,8 @@ class BatchQueue:
         except Exception as e:  # the executor itself failed (shut down): every request of the batch gets it
             results = [e] * len(live)
         finally:
-            self._running = []
+            for p in live:
+                self._running_items.pop(id(p), None)
         if self.metrics is not None:
             self.metrics.batch_seconds.labels(self.model_name).observe(self.clock() - start)
         for p, result in zip(live, results, strict=True):

@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a batch waits for more requests after its first one arrives (default 2 ms)",
     )
     p.add_argument("--max-queue", type=_positive(int), default=256, help="requests waiting before 503s (default 256)")
-    p.add_argument("--threads", type=_positive(int), default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--threads", type=_positive(int), default=1, help="torch intra-op threads per forward (default 1)")
+    p.add_argument(
+        "--workers", type=_positive(int), default=1, help="forward passes that run at once, on threads (default 1)"
+    )
     p.add_argument("--max-body-bytes", type=size_arg, default=32 << 20, help="request body limit (default 32MiB)")
     p.add_argument(
         "--request-timeout", type=_positive(float, 0.001), default=30.0, help="per-request deadline, seconds (30)"
@@ -83,6 +86,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_batch_delay_ms=args.max_batch_delay_ms,
         max_queue=args.max_queue,
         threads=args.threads,
+        workers=args.workers,
         max_body_bytes=args.max_body_bytes,
         request_timeout_s=args.request_timeout,
         drain_grace_s=args.drain_grace,

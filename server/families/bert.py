@@ -220,6 +220,28 @@ def select_encoder_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[st
     return kept, sorted(dropped)
 
 
+def length_groups(lengths: Sequence[int], max_padding: float = 0.25) -> list[list[int]]:
+    """Split a batch's rows into groups of similar length, so padding stays under `max_padding` of the real tokens.
+
+    Each group is padded to its own longest sequence. On a CPU a forward pass costs about as much per padded token
+    as per real one, so one batch of a 5-token and a 120-token text would cost about twice the two alone; grouping
+    keeps the merged requests' saving without paying for the padding. Returns row indices, shortest rows first.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        n = lengths[i]
+        # sorted ascending: adding row i pads every row of the group to n tokens
+        if groups and (len(groups[-1]) + 1) * n <= (1 + max_padding) * (real + n):
+            groups[-1].append(i)
+            real += n
+        else:
+            groups.append([i])
+            real = n
+    return groups
+
+
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask, right-padded to the longest sequence of this batch."""
     longest = max(len(s) for s in sequences)
@@ -480,13 +502,15 @@ class BertEncoder(ServedModel):
         if self.module is None:
             raise ModelError(f"model {self.name!r} is closed")
         sequences: list[list[int]] = [seq for p in batch for seq in p.data]
-        ids, mask = pad_batch(sequences, self.config.pad_token_id)
+        embeddings = np.empty((len(sequences), self.config.hidden_size), dtype=np.float32)
         with torch.inference_mode():
-            hidden = self.module(ids, mask).float()  # pool in FP32 whatever the weights are
-            vectors = pool(hidden, mask, self.settings.pooling)
-            if self.settings.normalize:
-                vectors = F.normalize(vectors, p=2, dim=1)
-            embeddings = vectors.numpy()
+            for group in length_groups([len(s) for s in sequences]):
+                ids, mask = pad_batch([sequences[i] for i in group], self.config.pad_token_id)
+                hidden = self.module(ids, mask).float()  # pool in FP32 whatever the weights are
+                vectors = pool(hidden, mask, self.settings.pooling)
+                if self.settings.normalize:
+                    vectors = F.normalize(vectors, p=2, dim=1)
+                embeddings[group] = vectors.numpy()
         return split_rows(batch, {"embedding": embeddings})
 
     def example_inputs(self) -> dict[str, Tensor]:

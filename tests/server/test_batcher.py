@@ -215,3 +215,25 @@ def test_a_failing_request_fails_alone() -> None:
         assert "forward pass failed: ValueError: cannot take 13.0" in str(results[1])
 
     asyncio.run(main())
+
+
+def test_workers_run_batches_at_once() -> None:
+    """With two workers, two slow batches overlap: both finish in about one forward's time, not two."""
+
+    async def main() -> None:
+        model = Doubler(delay_s=0.5)
+        executor = ThreadPoolExecutor(2)
+        queue = BatchQueue(
+            model_name="double", executor=executor, workers=2, max_batch_size=1, max_delay_s=0.0, max_queue=8
+        )
+        task = asyncio.create_task(queue.run_forever())
+        started = time.monotonic()
+        deadline = started + 10
+        results = await asyncio.gather(*(queue.submit(model.prepare({"x": x(v)}), deadline) for v in (1.0, 2.0)))
+        elapsed = time.monotonic() - started
+        await stop(task, executor)
+        assert [r["y"].tolist() for r in results] == [[2.0], [4.0]]
+        assert model.batches == [1, 1]
+        assert elapsed < 0.95, elapsed  # one worker would need 1.0 s
+
+    asyncio.run(main())

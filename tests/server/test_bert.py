@@ -408,3 +408,16 @@ def test_prepared_rows_and_tokens(encoder: BertEncoder) -> None:
     prepared = encoder.prepare(text_tensor(b"", b"hello world"))
     assert isinstance(prepared, Prepared)
     assert prepared.rows == 2 and prepared.data == [[101, 102], [101, 7592, 2088, 102]] and prepared.tokens == 6
+
+
+def test_length_groups_bound_the_padding_and_cover_every_row() -> None:
+    from server.families.bert import length_groups
+
+    lengths = [5, 120, 7, 118, 6, 60, 64, 5]
+    groups = length_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        padded = len(g) * max(lengths[i] for i in g)
+        assert padded <= 1.25 * sum(lengths[i] for i in g)
+    assert len(groups) == 3  # the short ones, the 60s, the 120s
+    assert length_groups([9] * 40) == [list(range(40))]  # equal lengths: one group
