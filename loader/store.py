@@ -264,6 +264,17 @@ class StagedModel:
         """A non-weight file of this version (config.json, tokenizer.json, ...)."""
         return self.path / rel
 
+    def populate(self) -> int:
+        """Map every page of the weights into this process now (madvise MADV_POPULATE_READ), so the first forward
+        does not take a page fault per 4 KiB. Runs without the GIL: call it on a thread beside other start-up work.
+        Returns the bytes populated (0 where the kernel lacks MADV_POPULATE_READ, Linux < 5.14: nothing is lost).
+        """
+        done = 0
+        for mapping in self.maps.values():
+            if _madvise_populate(mapping):
+                done += len(mapping)
+        return done
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor as a torch tensor viewing the read-only mapping (writing to one faults: don't)."""
         return {name: self.tensor(name) for name in self.manifest["tensors"]}
@@ -285,6 +296,23 @@ class StagedModel:
             warnings.simplefilter("ignore", UserWarning)
             flat = torch.frombuffer(self.maps[t["file"]], dtype=dtype, count=count, offset=begin)
         return flat.view(t["shape"])
+
+
+_MADV_POPULATE_READ = 22  # linux/mman.h; Python 3.11's mmap module does not name it
+
+
+def _madvise_populate(mapping: mmap.mmap) -> bool:
+    import ctypes
+
+    import numpy as np
+
+    view = np.frombuffer(mapping, dtype=np.uint8)  # only to learn the mapping's address
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return bool(libc.madvise(view.ctypes.data, len(mapping), _MADV_POPULATE_READ) == 0)  # ctypes drops the GIL
+    finally:
+        del view
 
 
 def open_model(root: Path, name: str, attempts: int = 5) -> StagedModel:

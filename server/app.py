@@ -160,7 +160,8 @@ async def serve_model(app: web.Application) -> None:
     # Import torch while the loader may still be streaming: the ~1.5 s import overlaps the wait, not the cold start.
     torch_imported = asyncio.create_task(asyncio.to_thread(import_torch, config.threads), name="import torch")
     staged = await wait_published(config)
-    await torch_imported
+    # ... and fault the weights' pages in meanwhile, so the warm-up forward does not pay a fault per page.
+    await asyncio.gather(torch_imported, asyncio.to_thread(staged.populate))
     try:
         model = state.model = await build(app, staged)
     except ModelError as e:
@@ -228,6 +229,7 @@ async def swap(app: web.Application, version: str) -> None:
     config, state, batcher = app[CONFIG], app[STATE], app[BATCHER]
     try:
         staged = await asyncio.to_thread(open_model, config.store, config.model)
+        await asyncio.to_thread(staged.populate)
         new = await build(app, staged)
     except (ModelError, FileNotFoundError) as e:
         log.error("version %s of %s cannot be served, keeping version %s: %s", version, config.model,

@@ -406,6 +406,30 @@ def test_tensors_are_zero_copy_views_of_a_read_only_shared_mapping(root: Path) -
     assert checked == 8
 
 
+def rss_kib(address: int) -> int:
+    """Resident KiB of the mapping holding `address` in this process (/proc/self/smaps)."""
+    with open("/proc/self/smaps", encoding="utf-8") as f:
+        inside = False
+        for line in f:
+            if "-" in line.split(" ", 1)[0] and not line.startswith(("Rss", "Size")):
+                low, high = (int(x, 16) for x in line.split()[0].split("-"))
+                inside = low <= address < high
+            elif inside and line.startswith("Rss:"):
+                return int(line.split()[1])
+    raise LookupError(address)
+
+
+def test_populate_maps_every_page_before_the_first_touch(root: Path) -> None:
+    big = {"w": torch.arange(4 << 20, dtype=torch.float32)}  # 16 MiB
+    publish(root, {"model.safetensors": big})
+    model = open_model(root, NAME)
+    address = model.tensor("w").data_ptr()
+    assert rss_kib(address) < 8 << 10  # nothing read yet (fault-around maps a little)
+    assert model.populate() == len(model.maps["model.safetensors"])
+    assert rss_kib(address) >= 16 << 10  # every page of the 16 MiB is mapped now
+    assert torch.equal(model.tensor("w"), big["w"])
+
+
 def test_buffer_returns_the_raw_bytes(root: Path) -> None:
     publish(root, {"model.safetensors": mixed_tensors()})
     model = open_model(root, NAME)
