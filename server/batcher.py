@@ -64,6 +64,15 @@ def rows_ready(queue: deque[Pending], max_rows: int) -> int:
     return rows
 
 
+def share(rows: int, max_rows: int, idle_workers: int) -> int:
+    """Rows for the next batch: all that wait (up to max_rows), split evenly when several workers are idle, so
+    eight waiting requests become two batches of four on two idle workers rather than one of eight beside an idle one.
+    """
+    if idle_workers <= 1:
+        return max_rows
+    return max(1, min(max_rows, -(-rows // idle_workers)))
+
+
 def run_isolated(model: ServedModel, batch: Sequence[Prepared]) -> list[Outputs | Exception]:
     """Run a batch; if it fails, run its requests one by one so one bad request fails alone (worker thread)."""
     try:
@@ -106,6 +115,7 @@ class BatchQueue:
         self._running_items: dict[int, Pending] = {}  # by id(): the requests in forward passes now
         self._arrived = asyncio.Event()
         self._workers = asyncio.Semaphore(workers)  # forward passes that may run at once
+        self._idle_workers = workers
         self._batches: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
@@ -152,7 +162,9 @@ class BatchQueue:
                     self._arrived.clear()
                     await self._arrived.wait()
                 await self._fill(due=self._queue[0].enqueued + self.max_delay_s)
-                batch = take_batch(self._queue, self.max_batch_size)
+                batch = take_batch(self._queue, share(rows_ready(self._queue, self.max_batch_size),
+                                                      self.max_batch_size, self._idle_workers))  # fmt: skip
+                self._idle_workers -= 1
                 self._gauge()
                 task = asyncio.create_task(self._run_then_release(batch))
                 self._batches.add(task)
@@ -165,6 +177,7 @@ class BatchQueue:
         try:
             await self._run(batch)
         finally:
+            self._idle_workers += 1
             self._workers.release()
 
     async def _fill(self, due: float) -> None:

@@ -237,3 +237,13 @@ def test_workers_run_batches_at_once() -> None:
         assert elapsed < 0.95, elapsed  # one worker would need 1.0 s
 
     asyncio.run(main())
+
+
+def test_waiting_rows_are_shared_among_idle_workers() -> None:
+    from server.batcher import share
+
+    assert share(8, 32, 1) == 32  # one worker: take all (up to the maximum)
+    assert share(8, 32, 2) == 4  # two idle workers: half each
+    assert share(7, 32, 2) == 4
+    assert share(1, 32, 2) == 1
+    assert share(100, 32, 2) == 32
