@@ -917,16 +917,17 @@ def markdown_section(
         "busy (CPU seconds / wall seconds; server: all its processes; other: the rest of the machine).",
         "- Settings:",
         *(f"  - {s.label}: {s.settings}" for s in specs),
-        "- Why these settings: each server runs one forward at a time on one torch thread, which is what warmpod "
-        "does with `--threads 1`; MLServer is measured with both parallel_workers settings that keep to that and "
-        "judged by the better one; KServe `--workers 2` (`--kserve-workers 2`) can run two forwards at once (one "
-        "per process) and is left out of the comparison. Per-request logging is off in all three.",
+        "- Why these settings: every forward runs on one torch thread; each server is measured with one and with "
+        "two forwards at once (warmpod `--workers`, MLServer `parallel_workers`, KServe uvicorn `--workers`), the "
+        "most this 2-core machine can use. Each warmpod setting is judged against MLServer's best setting with the "
+        "same or a smaller compute budget (parallel_workers <= warmpod's workers; 0 and 1 both count as one). "
+        "Per-request logging is off in all three.",
         *(f"- {n}" for n in notes),
         "",
         table,
         "",
-        "Goal (≥ 2x MLServer's throughput at equal or better p99; against MLServer's best setting at each "
-        "concurrency):",
+        "Goal (≥ 2x MLServer's throughput at equal or better p99; against MLServer's best setting with the same "
+        "budget at each concurrency):",
         "",
         *goals,
         "",

@@ -1,0 +1,572 @@
+"""Shared by the cold-start and memory benchmarks: generated MLP models, and server processes timed to first inference.
+
+    sizes = plan_mlp(1 << 30)                       # (4096, 4096, ..., 16): ~1 GiB of fp32 weights
+    ensure_mlp(model_dir, sizes)                    # config.json + model.safetensors, written layer by layer
+    with ServerProcess(warmpod_serve_argv(...)) as srv:
+        timing = srv.wait_first_inference("m", input_size=4096, timeout_s=120)
+
+Server processes are started in their own session and stopped with SIGTERM to the group (SIGKILL after 10 s).
+Everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import itertools
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR))
+
+from servers_bench import stop_process  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+HOST = "127.0.0.1"
+MODEL_FILE = "model.safetensors"
+OUTPUT_SIZE = 16
+POLL_INTERVAL_S = 0.01  # between inference attempts while the server answers 503 (not ready)
+LISTEN_RE = re.compile(r"listening on http://([0-9.]+):(\d+)")
+READY_RE = re.compile(r"ready: model \S+ version \S+ \((\w+)\), cold start ([0-9.]+) s")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def plan_mlp(target_bytes: int, width: int = 4096) -> tuple[int, ...]:
+    """Layer sizes of an fp32 MLP with about `target_bytes` of weights: input -> width x k -> OUTPUT_SIZE.
+
+    The square width x width layers make up the bulk; the input size is chosen to absorb the remainder, so
+    0.1 GiB, 1 GiB and 4 GiB all come out within a few KiB of the target with one width.
+    """
+    square = width * width * 4
+    tail = width * OUTPUT_SIZE * 4
+    k = max(0, (target_bytes - tail) // square - 1)
+    rest = target_bytes - tail - k * square
+    input_size = max(1, round(rest / (width * 4)))
+    return (input_size, *([width] * (k + 1)), OUTPUT_SIZE)
+
+
+def mlp_bytes(sizes: Sequence[int]) -> int:
+    """Bytes of fp32 weights and biases of an MLP with these layer sizes."""
+    return sum(4 * (a * b + b) for a, b in itertools.pairwise(sizes))
+
+
+def mlp_config(sizes: Sequence[int]) -> dict[str, object]:
+    return {
+        "model_type": "mlp",
+        "input_size": sizes[0],
+        "hidden_sizes": list(sizes[1:-1]),
+        "output_size": sizes[-1],
+        "activation": "relu",
+        "output_activation": "softmax",
+    }
+
+
+def write_mlp(model_dir: Path, sizes: Sequence[int], seed: int = 0, block_bytes: int = 64 * MiB) -> None:
+    """config.json + model.safetensors for the server's `mlp` family, written layer by layer.
+
+    The header is known from the shapes alone, so it is written first and each weight is generated and written in
+    blocks of rows: memory stays at one block however big the model. He-scaled normal weights (std sqrt(2/in))
+    keep ReLU activations of the same order through every layer, so outputs stay finite and non-denormal.
+    """
+    model_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    layers = list(itertools.pairwise(sizes))
+    header: dict[str, object] = {"__metadata__": {"format": "pt", "generator": "bench/serverproc.py"}}
+    offset = 0
+    for i, (a, b) in enumerate(layers):
+        header[f"layers.{i}.weight"] = {"dtype": "F32", "shape": [b, a], "data_offsets": [offset, offset + 4 * a * b]}
+        offset += 4 * a * b
+        header[f"layers.{i}.bias"] = {"dtype": "F32", "shape": [b], "data_offsets": [offset, offset + 4 * b]}
+        offset += 4 * b
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-(8 + len(blob)) % 8)  # the data section starts 8-byte aligned
+    tmp = model_dir / (MODEL_FILE + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for a, b in layers:
+            rows = max(1, block_bytes // (4 * a))
+            scale = np.float32(np.sqrt(2.0 / a))
+            for start in range(0, b, rows):
+                block = rng.standard_normal((min(rows, b - start), a), dtype=np.float32)
+                block *= scale
+                block.tofile(f)
+            (rng.standard_normal(b, dtype=np.float32) * np.float32(0.01)).tofile(f)
+    if tmp.stat().st_size != 8 + len(blob) + offset:
+        raise RuntimeError(f"{tmp}: wrote {tmp.stat().st_size} bytes, expected {8 + len(blob) + offset}")
+    tmp.rename(model_dir / MODEL_FILE)
+    (model_dir / "config.json").write_text(json.dumps(mlp_config(sizes)))
+
+
+def ensure_mlp(model_dir: Path, sizes: Sequence[int]) -> Path:
+    """Generate the model unless `model_dir` already holds one with exactly these layer sizes."""
+    plan_file = model_dir / "plan.json"
+    plan = json.dumps(list(sizes))
+    if (model_dir / MODEL_FILE).exists() and plan_file.exists() and plan_file.read_text() == plan:
+        log(f"reusing {model_dir} ({mlp_bytes(sizes) / GiB:.3f} GiB)")
+        return model_dir
+    t0 = time.perf_counter()
+    write_mlp(model_dir, sizes)
+    plan_file.write_text(plan)
+    took = time.perf_counter() - t0
+    log(f"wrote {model_dir} ({mlp_bytes(sizes) / GiB:.3f} GiB, {len(sizes) - 1} layers) in {took:.1f}s")
+    return model_dir
+
+
+def model_files(model_dir: Path) -> list[Path]:
+    """What is served and uploaded: the weights and config.json (not the generator's plan.json)."""
+    return [model_dir / "config.json", model_dir / MODEL_FILE]
+
+
+def read_fully(path: Path, block: int = 16 * MiB) -> None:
+    """Read a file once so that it sits in the page cache."""
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(block)
+        while f.readinto(buf):
+            pass
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Evict one file's clean pages from the page cache (posix_fadvise DONTNEED: this file only, no root needed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages cannot be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cached_bytes(path: Path) -> int | None:
+    """Bytes of `path` in the page cache (util-linux `fincore`), None where fincore is missing."""
+    try:
+        out = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+        return int(out)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Every server gets the same environment: one OpenMP/MKL thread, the repo importable, no AWS leftovers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WARMPOD_"))}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env.update(extra or {})
+    return env
+
+
+def warmpod_load_argv(source: Path, model: str, store: Path) -> list[str]:
+    return [sys.executable, "-m", "warmpod", "load", str(source), "--model", model, "--store", str(store)]
+
+
+def warmpod_serve_argv(model: str, store: Path, threads: int = 1) -> list[str]:
+    return [sys.executable, "-m", "warmpod", "serve", "--model", model, "--store", str(store), "--port", "0",
+            "--threads", str(threads)]  # fmt: skip
+
+
+def disk_serve_argv(model: str, model_dir: Path, no_store: Path, weights: str = "copy", threads: int = 1) -> list[str]:
+    """bench/baselines/disk_server.py: warmpod's server, weights read from `model_dir` (private copy, or mmap)."""
+    script = BENCH_DIR / "baselines" / "disk_server.py"
+    return [sys.executable, str(script), "--model-dir", str(model_dir), "--weights", weights, "--model", model,
+            "--store", str(no_store), "--port", "0", "--threads", str(threads)]  # fmt: skip
+
+
+def stage(source: Path, model: str, store: Path, timeout_s: float) -> dict[str, object]:
+    """`warmpod load` a model directory into the store (not timed by the benchmarks); returns its JSON result."""
+    p = subprocess.run(
+        warmpod_load_argv(source, model, store),
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    if p.returncode != 0:
+        raise RuntimeError(f"warmpod load exited {p.returncode}: {p.stderr[-2000:]}")
+    result: dict[str, object] = json.loads(p.stdout.strip().splitlines()[-1])
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- servers
+
+
+class StartFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class StartTiming:
+    """Seconds from just before spawning the server process."""
+
+    listening_s: float  # the "listening on" line arrived on stderr
+    first_ok_s: float  # the first inference answered 200
+    ready_log_s: float | None = None  # the server's own "cold start X s" (process start -> model ready)
+    model_load_s: float | None = None  # warmpod_model_load_seconds: torch import + map/load + build + warm-up
+    attempts: int = 0  # inference requests sent until the first 200
+
+
+@dataclass
+class ServerProcess:
+    """A server child process; a thread reads its stderr line by line and keeps the lines with their arrival time."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=child_env)
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    port: int | None = None
+    lines: list[tuple[float, str]] = field(default_factory=list)
+    _listening: threading.Event = field(default_factory=threading.Event)
+    _reader: threading.Thread | None = None
+
+    def start(self) -> ServerProcess:
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            self.argv, cwd=REPO, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        self._reader = threading.Thread(target=self._read_stderr, name="server-stderr", daemon=True)
+        self._reader.start()
+        return self
+
+    def _read_stderr(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            self.lines.append((time.monotonic(), line))
+            m = LISTEN_RE.search(line)
+            if m and self.port is None:
+                self.port = int(m.group(2))
+                self._listening.set()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stderr_tail(self, n: int = 15) -> str:
+        return "\n".join(line for _, line in self.lines[-n:])
+
+    def _check_alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            time.sleep(0.1)  # let the reader collect the last lines
+            raise StartFailed(f"server exited with code {self.proc.returncode}:\n{self.stderr_tail()}")
+
+    def wait_first_inference(self, model: str, input_size: int, timeout_s: float) -> StartTiming:
+        """Wait for the "listening" line, then POST /v2/models/{model}/infer until it answers 200 (503 = not ready).
+
+        The 200 response is checked: logits FP32 [1, OUTPUT_SIZE], all finite.
+        """
+        deadline = self.started + timeout_s
+        while not self._listening.wait(0.01):
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise StartFailed(f"no 'listening' line after {timeout_s:.0f}s:\n{self.stderr_tail()}")
+        listening = next(t for t, line in self.lines if LISTEN_RE.search(line))
+        assert self.port is not None
+        body = json.dumps(infer_request(input_size)).encode()
+        path = f"/v2/models/{model}/infer"
+        conn = http.client.HTTPConnection(HOST, self.port, timeout=max(1.0, timeout_s))
+        attempts = 0
+        try:
+            while True:
+                attempts += 1
+                conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                payload = resp.read()
+                if resp.status == 200:
+                    first_ok = time.monotonic()
+                    check_infer_response(payload)
+                    break
+                if resp.status != 503:
+                    raise StartFailed(f"inference answered {resp.status}: {payload[:500]!r}")
+                self._check_alive()
+                if time.monotonic() > deadline:
+                    raise StartFailed(f"not ready after {timeout_s:.0f}s:\n{self.stderr_tail()}")
+                time.sleep(POLL_INTERVAL_S)
+        finally:
+            conn.close()
+        return StartTiming(
+            listening_s=listening - self.started,
+            first_ok_s=first_ok - self.started,
+            ready_log_s=self._ready_log_seconds(),
+            model_load_s=self.model_load_seconds(),
+            attempts=attempts,
+        )
+
+    def _ready_log_seconds(self) -> float | None:
+        # The "ready" line is logged just before the model becomes visible to handlers; give the reader a moment.
+        for _ in range(50):
+            for _, line in self.lines:
+                m = READY_RE.search(line)
+                if m:
+                    return float(m.group(2))
+            time.sleep(0.01)
+        return None
+
+    def metrics_text(self) -> str:
+        assert self.port is not None
+        conn = http.client.HTTPConnection(HOST, self.port, timeout=10)
+        try:
+            conn.request("GET", "/metrics")
+            return conn.getresponse().read().decode()
+        finally:
+            conn.close()
+
+    def model_load_seconds(self) -> float | None:
+        """The sum of the warmpod_model_load_seconds histogram (one build so far: that build's seconds)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            for family in text_string_to_metric_families(self.metrics_text()):
+                for sample in family.samples:
+                    if sample.name == "warmpod_model_load_seconds_sum":
+                        return float(sample.value)
+        return None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            if self.proc.stderr is not None:
+                self.proc.stderr.close()
+            self.proc = None
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def infer_request(input_size: int, seed: int = 0) -> dict[str, object]:
+    x = np.random.default_rng(seed).standard_normal(input_size).astype(np.float32)
+    return {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, input_size], "data": x.tolist()}]}
+
+
+def check_infer_response(payload: bytes) -> None:
+    outputs = {o["name"]: o for o in json.loads(payload)["outputs"]}
+    logits = outputs.get("logits")
+    if logits is None or logits["shape"] != [1, OUTPUT_SIZE]:
+        raise StartFailed(f"unexpected inference response: {payload[:300]!r}")
+    if not np.all(np.isfinite(np.asarray(logits["data"], dtype=np.float64))):
+        raise StartFailed("inference returned non-finite logits")
+
+
+# ----------------------------------------------------------------------------------------------- machine
+
+
+def pss_bytes(pid: int) -> dict[str, int]:
+    """/proc/PID/smaps_rollup as bytes: Rss, Pss, Pss_Anon, Pss_File, Pss_Shmem, Private_*, Shared_*..."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                out[parts[0].rstrip(":")] = int(parts[1]) * 1024
+    return out
+
+
+def _is_ours(pid: int) -> bool:
+    """Whether `pid` is this process, one of its ancestors, or one of its descendants (our own servers)."""
+    me = os.getpid()
+    ancestors = set()
+    p = me
+    for _ in range(64):
+        ancestors.add(p)
+        p = _ppid(p)
+        if p <= 1:
+            break
+    if pid in ancestors:
+        return True
+    p = pid
+    for _ in range(64):
+        p = _ppid(p)
+        if p == me:
+            return True
+        if p <= 1:
+            return False
+    return False
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def busy_processes() -> list[str]:
+    """Other benchmark or test processes running now (pytest, bench/*.py, servers), not counting our own."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or _is_ours(int(entry.name)):
+            continue
+        with contextlib.suppress(OSError):
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            if any(word in cmd for word in ("pytest", "bench/", "mlserver", "warmpod serve", "warmpod load", "weed ")):
+                found.append(f"{entry.name}: {cmd[:100]}")
+    return found
+
+
+def wait_alone(timeout_s: float) -> str:
+    """Wait (bounded) until no other bench/test process runs; say what was seen."""
+    deadline = time.monotonic() + timeout_s
+    while others := busy_processes():
+        if time.monotonic() > deadline:
+            return f"other bench/test processes were running: {'; '.join(others[:4])}"
+        log(f"waiting for {len(others)} other bench/test process(es) to finish")
+        time.sleep(10)
+    return "no other bench/test process running"
+
+
+def _tree_jiffies(root: int) -> int:
+    """CPU ticks of `root` and its live descendants, including the children they have already reaped."""
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            pid = int(entry.name)
+            children.setdefault(int(fields[1]), []).append(pid)
+            ticks[pid] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += ticks.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def _busy_jiffies() -> int:
+    with open("/proc/stat") as f:
+        cpu = [int(x) for x in f.readline().split()[1:]]
+    return sum(cpu[:3]) + sum(cpu[5:7])  # user nice system + irq softirq (not idle, iowait, steal)
+
+
+class OthersCpu:
+    """How much CPU the rest of the machine used while we measured (everything but this process tree)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.busy0, self.mine0 = _busy_jiffies(), _tree_jiffies(os.getpid())
+
+    def cores(self) -> float:
+        """Average number of cores busy with other processes since construction."""
+        hz = os.sysconf("SC_CLK_TCK")
+        others = (_busy_jiffies() - self.busy0) - (_tree_jiffies(os.getpid()) - self.mine0)
+        return max(0.0, others / hz / max(1e-9, time.monotonic() - self.t0))
+
+
+def wait_quiet(max_load: float, timeout_s: float) -> tuple[bool, str]:
+    """Wait (bounded) until the 1-min load average is below `max_load` and no other bench/test process runs."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        load = os.getloadavg()[0]
+        others = busy_processes()
+        if load < max_load and not others:
+            return True, f"machine quiet: 1-min load average {load:.2f}, no other bench/test process running"
+        if time.monotonic() > deadline:
+            return False, (
+                f"machine NOT quiet after waiting {timeout_s:.0f}s: 1-min load average {load:.2f}"
+                + (f", other processes: {'; '.join(others[:4])}" if others else "")
+            )
+        log(f"waiting for a quiet machine: load {load:.2f}, {len(others)} other bench/test process(es)")
+        time.sleep(15)
+
+
+def machine_line() -> str:
+    """CPU, RAM, /dev/shm, kernel and the versions that matter for these benchmarks, in one line."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    mem = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        mem = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:")), 0)
+    versions = []
+    for pkg in ("torch", "safetensors", "aiohttp", "boto3"):
+        try:
+            versions.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            versions.append(f"{pkg} (not installed)")
+    return (
+        f"{os.cpu_count()} CPU cores ({cpu}), {mem / GiB:.1f} GiB RAM, /dev/shm tmpfs "
+        f"{shutil.disk_usage('/dev/shm').total / GiB:.1f} GiB; Linux {platform.release()}, "
+        f"Python {platform.python_version()}, {', '.join(versions)}"
+    )
+
+
+def git_revision() -> str:
+    """HEAD's short hash, plus a note when server/ or loader/ have uncommitted changes (what was measured)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "server", "loader", "warmpod.py")
+    return f"{head} (with uncommitted changes in server/ or loader/)" if dirty else head
+
+
+def update_section(doc: Path, start: str, end: str, section: str) -> None:
+    """Replace the text between the `start` and `end` markers in `doc` (append the section if they are absent)."""
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    doc.write_text(text)
+
+
+@contextlib.contextmanager
+def temp_dir(parent: Path, prefix: str) -> Iterator[Path]:
+    """A fresh directory under `parent`, removed with everything in it when the block ends."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def median(values: Sequence[float]) -> float:
+    import statistics
+
+    return statistics.median(values)
