@@ -176,3 +176,28 @@ def test_hot_swap_under_load_has_no_failures_and_releases_the_old_mapping(tmp_pa
         assert "/versions/1/" not in maps
         assert "/versions/2/model.safetensors" in maps
         assert "swapped mlp: version 1 -> 2" in server.log()
+
+
+def test_reuse_port_lets_two_servers_share_one_port(tmp_path: Path) -> None:
+    from tests.servers import free_port
+
+    stage(write_mlp_dir(tmp_path / "src"), tmp_path / "store", "mlp")
+    port = str(free_port())
+    args = ("--port", port, "--reuse-port")  # the last --port wins over the helper's --port 0
+    with (
+        WarmpodServer(tmp_path / "store", "mlp", *args, log_dir=tmp_path) as first,
+        WarmpodServer(tmp_path / "store", "mlp", *args, log_dir=tmp_path) as second,
+    ):
+        assert first.port == second.port == int(port)
+        # The kernel spreads connections over both, so readiness on the port says little: wait for both logs.
+        deadline = time.monotonic() + 60
+        while not all("ready: model mlp" in s.log() for s in (first, second)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(http("GET", first.url + "/v2/health/ready")[0] == 200 for _ in range(20))
+        # Without the flag the taken port is a clear error (exit 2), not a traceback.
+        proc = subprocess.run(
+            [sys.executable, "-m", "warmpod", "serve", "--model", "mlp", "--store", str(tmp_path), "--port", port],
+            env=cli_env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
