@@ -57,14 +57,17 @@ class ServerConfig:
 
 
 def process_start_time() -> float:
-    """When this process started (wall clock), from /proc; now, where /proc is unavailable."""
+    """When this process started (wall clock), from /proc; now, where /proc is unavailable.
+
+    The age comes from the boot-time clock and the start tick in /proc/self/stat (/proc/stat's btime is whole
+    seconds, which would add up to a second to the cold start).
+    """
     try:
         with open("/proc/self/stat", encoding="ascii") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat", encoding="ascii") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - max(0.0, age)
+    except (OSError, ValueError, IndexError):
         return time.time()
 
 
@@ -155,12 +158,26 @@ async def model_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def serve_model(app: web.Application) -> None:
-    """Wait for the loader's first version, build it, report ready; then follow new versions (hot swap)."""
+    """Wait for the loader's first version, build it, report ready; then follow new versions (hot swap).
+
+    Anything unexpected stops the process with exit 1 and the error, rather than leaving it "not ready" forever.
+    """
+    try:
+        await _serve_model(app)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        log.exception("the model task failed")
+        app[STATE].stop(1, f"serving {app[CONFIG].model!r} failed: {type(e).__name__}: {e}")
+
+
+async def _serve_model(app: web.Application) -> None:
     config, state, metrics = app[CONFIG], app[STATE], app[METRICS]
     # Import torch while the loader may still be streaming: the ~1.5 s import overlaps the wait, not the cold start.
     torch_imported = asyncio.create_task(asyncio.to_thread(import_torch, config.threads), name="import torch")
     staged = await wait_published(config)
-    # ... and fault the weights' pages in meanwhile, so the warm-up forward does not pay a fault per page.
+    # ... and fault the weights' pages in meanwhile, so the warm-up forward does not pay a fault per page (measured:
+    # no net gain on a 2-core VM at 4 GiB, see BENCHMARKS.md; on a swap it keeps the faults off the serving path).
     await asyncio.gather(torch_imported, asyncio.to_thread(staged.populate))
     try:
         model = state.model = await build(app, staged)

@@ -120,6 +120,10 @@ async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(drain(app)))
         state = app[STATE]
         code = await state.exit_code
+        # Stop accepting first, then give connections accepted in the meantime a moment to get their answer (503
+        # while draining) before the runner closes every connection.
+        await site.stop()
+        await asyncio.sleep(0.2)
         if state.fatal:
             print(f"warmpod serve: error: {state.fatal}", file=sys.stderr, flush=True)
         return code

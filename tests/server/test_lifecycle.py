@@ -201,3 +201,29 @@ def test_reuse_port_lets_two_servers_share_one_port(tmp_path: Path) -> None:
         )  # fmt: skip
         assert proc.returncode == 2, proc.stderr
         assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+
+
+def test_an_unreadable_store_stops_the_server_with_exit_1(tmp_path: Path) -> None:
+    """A broken manifest is no reason to stay 'not ready' forever: the server says what failed and exits 1."""
+    store = tmp_path / "store"
+    stage(write_mlp_dir(tmp_path / "src"), store, "mlp")
+    manifest = store / "mlp" / "versions" / "1" / "manifest.json"
+    manifest.chmod(0o644)
+    manifest.write_text("{not json")
+    proc = subprocess.run(
+        [sys.executable, "-m", "warmpod", "serve", "--model", "mlp", "--store", str(store), "--port", "0"],
+        env=cli_env(), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "warmpod serve: error: serving 'mlp' failed: JSONDecodeError" in proc.stderr
+
+
+def test_cold_start_metric_is_process_age_at_ready(tmp_path: Path) -> None:
+    stage(write_mlp_dir(tmp_path / "src"), tmp_path / "store", "mlp")
+    spawned = time.monotonic()
+    with WarmpodServer(tmp_path / "store", "mlp", log_dir=tmp_path) as server:
+        ready_seen = time.monotonic() - spawned
+        _, _, body = http("GET", server.url + "/metrics")
+        line = next(ln for ln in body.decode().splitlines() if ln.startswith("warmpod_cold_start_seconds{"))
+        cold = float(line.split()[-1])
+        assert 0 < cold <= ready_seen + 0.05  # never more than what the test itself saw from spawn to ready
