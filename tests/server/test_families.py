@@ -15,7 +15,8 @@ from server.errors import BadRequest, ModelError
 from server.families import build_model
 from server.tensors import Tensor
 from tests.modelgen import mlp_reference, write_mlp_dir
-from tests.serverutil import mapping_of, stage
+from tests.procmaps import mapping_of
+from tests.serverutil import stage
 
 torch.set_num_threads(1)
 
@@ -58,9 +59,9 @@ def test_mlp_parameters_are_the_read_only_mapping(tmp_path: Path) -> None:
     base = np.frombuffer(staged.maps["model.safetensors"], dtype=np.uint8).ctypes.data
     for name, param in module.state_dict().items():
         assert param.data_ptr() == base + index[name].begin, name
-        perms, path = mapping_of(param.data_ptr())
-        assert perms == "r--s", (name, perms)  # read-only and shared: the staged file's pages, not a copy
-        assert path == str(staged.path / "model.safetensors")
+        mapping = mapping_of(param.data_ptr())
+        assert mapping.perms == "r--s", (name, mapping)  # read-only and shared: the staged file's pages, not a copy
+        assert mapping.path == str(staged.path / "model.safetensors")
 
 
 @pytest.mark.parametrize(
