@@ -386,10 +386,11 @@ async def server_metadata(request: web.Request) -> web.Response:
     return _json({"name": "warmpod", "version": ours, "extensions": ["binary_tensor_data", "openai_embeddings"]})
 
 
-def served_model(request: web.Request) -> ServedModel:
-    """The model a /v2/models/{model}[/versions/{version}] route names: 404 if unknown, 503 if not ready yet."""
+def served_model(request: web.Request, name: str | None = None) -> ServedModel:
+    """The model a request names — the route's {model}[/versions/{version}], or `name` (the OpenAI `model`
+    field): 404 if unknown, 503 if not ready yet."""
     config, state = request.app[CONFIG], request.app[STATE]
-    name = request.match_info["model"]
+    name = request.match_info["model"] if name is None else name
     if name != config.model:
         raise NotFound(f"unknown model {name!r}; this server serves {config.model!r}")
     model = state.model
@@ -455,17 +456,10 @@ async def infer(request: web.Request) -> web.Response:
 
 async def embeddings(request: web.Request) -> web.Response:
     refuse_while_draining(request)
-    config, state = request.app[CONFIG], request.app[STATE]
     req = openai_api.parse_embeddings_request(await request.read())
-    if req.model != config.model:
-        raise NotFound(f"unknown model {req.model!r}; this server serves {config.model!r}")
-    model = state.model
-    if model is None:
-        raise Unavailable(f"model {config.model!r} is not ready yet (waiting for the loader)", reason="not_ready")
-    if not model.is_text_embedding:
-        raise BadRequest(f"model {model.name!r} ({model.family}) is not a text embedding model")
+    model = served_model(request, req.model)
+    prepared = model.prepare_texts(req.texts)  # a model that takes no text says so here (400)
     openai_api.check_dimensions(req.dimensions, model.outputs[0].shape[-1])
-    prepared = model.prepare_texts(req.texts)
     vectors = (await request.app[BATCHER].submit(prepared, deadline_for(request)))["embedding"]
     payload = openai_api.encode_embeddings_response(model.name, vectors, req.encoding_format, prepared.tokens)
     return web.Response(body=payload, content_type="application/json")

@@ -364,6 +364,16 @@ def test_binary_data_without_the_header_length_names_the_header(server: WarmpodS
     assert "needs the Inference-Header-Content-Length header" in json.loads(answer)["error"]
 
 
+def test_embeddings_on_a_model_that_takes_no_text_is_a_400(server: WarmpodServer) -> None:
+    status, _, body = http(
+        "POST", server.url + "/v1/embeddings", json.dumps({"model": "mlp", "input": "hi"}).encode(), JSON
+    )
+    assert status == 400
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "model 'mlp' (mlp) does not take text" in error["message"]
+
+
 def test_body_over_the_limit_gets_413_and_one_under_it_is_served(small_body_server: WarmpodServer) -> None:
     url = small_body_server.url + INFER
     under = json.dumps(infer_body([[1, 2, 3, 4]])).encode()
