@@ -17,6 +17,7 @@ from typing import Any
 
 from loader.load import LoadRequest, load
 from tests.cliutil import cli_env
+from tests.servers import ServerStartError, wait_until
 
 LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
 
@@ -66,20 +67,25 @@ class WarmpodServer:
                "--port", "0", *self.args]  # fmt: skip
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, env=cli_env(self.env), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while not self.port:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"warmpod serve exited {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"warmpod serve did not listen within {timeout} s:\n{self.log()}")
-            match = LISTENING.search(self.log())
-            if match:
-                self.port = int(match.group(2))
-            else:
-                time.sleep(0.02)
+        started = time.monotonic()
+        wait_until(
+            self._listening, timeout=timeout, what="warmpod serve (listening)", interval=0.02, diagnostics=self.log
+        )
         if wait_ready:
-            self.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+            self.wait_ready(timeout=max(1.0, timeout - (time.monotonic() - started)))
         return self
+
+    def _alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise ServerStartError(f"warmpod serve exited {self.proc.returncode}:\n{self.log()}")
+
+    def _listening(self) -> bool:
+        self._alive()
+        match = LISTENING.search(self.log())
+        if match:
+            self.port = int(match.group(2))
+        return match is not None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -91,14 +97,11 @@ class WarmpodServer:
             return False
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.ready():
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"warmpod serve exited {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"warmpod serve not ready within {timeout} s:\n{self.log()}")
-            time.sleep(0.05)
+        def ready_or_dead() -> bool:
+            self._alive()
+            return self.ready()
+
+        wait_until(ready_or_dead, timeout=timeout, what="warmpod serve (ready)", diagnostics=self.log)
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
