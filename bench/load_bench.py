@@ -62,6 +62,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
+from serverproc import update_section  # noqa: E402
 from servers_bench import NginxStatic, SeaweedS3  # noqa: E402
 
 MiB = 1 << 20
@@ -712,18 +713,6 @@ def markdown_section(meta: Meta, table: str, goals: list[str], png: Path | None,
     return "\n".join(parts)
 
 
-def update_section(doc: Path, section: str) -> None:
-    """Replace the text between the markers in `doc` (create the file, or append the section, if absent)."""
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if MARK_START in text and MARK_END in text:
-        pre = text[: text.index(MARK_START)]
-        post = text[text.index(MARK_END) + len(MARK_END) :]
-        text = pre + section + post
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    doc.write_text(text)
-
-
 def plot(results: dict[str, ToolResult], model_bytes: int, png: Path, title: str) -> Path | None:
     """Horizontal bars of median MiB/s per tool, grouped by path, with min/max whiskers."""
     try:
@@ -926,7 +915,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print("\n".join(goals))
     if args.out:
-        update_section(Path(args.out), markdown_section(meta, table, goals, png, Path(args.out).resolve().parent))
+        update_section(
+            Path(args.out),
+            MARK_START,
+            MARK_END,
+            markdown_section(meta, table, goals, png, Path(args.out).resolve().parent),
+        )
         log(f"updated {args.out}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

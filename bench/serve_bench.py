@@ -64,6 +64,7 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(REPO))
 
+from serverproc import update_section  # noqa: E402
 from servers_bench import free_ports, stop_process, tail  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -579,16 +580,6 @@ def plot(
     return png
 
 
-def update_section(doc: Path, section: str) -> None:
-    """Replace the text between the markers in `doc` (append the section if they are absent)."""
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if MARK_START in text and MARK_END in text:
-        text = text[: text.index(MARK_START)] + section + text[text.index(MARK_END) + len(MARK_END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    doc.write_text(text)
-
-
 # ----------------------------------------------------------------------------------------------- environment
 
 
@@ -844,7 +835,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         doc = Path(args.out)
         section = markdown_section(args, argv, started, specs, sentences, tokens, table, goals, notes, png, doc)
-        update_section(doc, section)
+        update_section(doc, MARK_START, MARK_END, section)
         log(f"updated {doc}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
