@@ -11,7 +11,6 @@ either, a text longer than `max_position_embeddings` tokens is refused with BadR
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from server.errors import BadRequest, ModelError
-from server.families.common import split_rows
+from server.families.common import read_json, read_json_object, split_rows
 from server.model import Prepared, ServedModel, assign_weights, build_on_meta, check_inputs
 from server.tensors import Tensor, TensorSpec
 
@@ -527,16 +526,19 @@ def _read_sentence_files(staged: StagedModel, config: BertConfig) -> tuple[Sente
     """The staged modules.json, Pooling config, sentence_bert_config.json and tokenizer.json, made sense of."""
     from tokenizers import Tokenizer
 
-    modules = _read_json(staged, "modules.json")
+    def staged_object(rel: str) -> dict[str, Any] | None:
+        return read_json_object(staged.file_path(rel), rel)
+
+    modules = read_json(staged.file_path("modules.json"), "modules.json")
     if modules is not None and not (isinstance(modules, list) and all(isinstance(m, dict) for m in modules)):
         raise ModelError("modules.json must be a list of module objects")
     base = PurePosixPath(transformer_dir(modules))
     pool_dir = pooling_dir(modules)
     pooling_rel = None if pool_dir is None else str(PurePosixPath(pool_dir, "config.json"))
-    pooling_config = None if pooling_rel is None else _read_object(staged, pooling_rel)
-    sbert_config = _read_object(staged, str(base / "sentence_bert_config.json"))
+    pooling_config = None if pooling_rel is None else staged_object(pooling_rel)
+    sbert_config = staged_object(str(base / "sentence_bert_config.json"))
     tokenizer_rel = str(base / "tokenizer.json")
-    tokenizer_json = _read_object(staged, tokenizer_rel)
+    tokenizer_json = staged_object(tokenizer_rel)
     if tokenizer_json is None:
         raise ModelError(
             f"no {tokenizer_rel} in the staged files; warmpod needs the fast-tokenizer file "
@@ -551,22 +553,3 @@ def _read_sentence_files(staged: StagedModel, config: BertConfig) -> tuple[Sente
         config, modules, pooling_config, sbert_config, truncation if isinstance(truncation, dict) else None
     )
     return settings, tokenizer
-
-
-def _read_object(staged: StagedModel, rel: str) -> dict[str, Any] | None:
-    """A staged JSON file holding an object, or None when the file is not there."""
-    value = _read_json(staged, rel)
-    if value is None or isinstance(value, dict):
-        return value
-    raise ModelError(f"{rel} must hold a JSON object, not {type(value).__name__}")
-
-
-def _read_json(staged: StagedModel, rel: str) -> Any:
-    """A staged JSON file's content, or None when the file is not there."""
-    path = staged.file_path(rel)
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{rel} is not valid JSON: {e}") from None

@@ -16,20 +16,33 @@ from server.tensors import Tensor
 
 def read_config(path: Path, *, required: bool = True) -> dict[str, Any]:
     """The staged `config.json` as a dict; ModelError when it is missing (and required) or not a JSON object."""
+    config = read_json_object(path, path.name)
+    if config is not None:
+        return config
+    if required:
+        raise ModelError(
+            f"no config.json in the staged model ({path.parent}): warmpod picks the model family from it "
+            "(model_type 'bert' or 'mlp'), or serve any nn.Module with --factory package.module:function"
+        )
+    return {}
+
+
+def read_json(path: Path, name: str) -> Any:
+    """A staged JSON file's content, or None when it is not there; ModelError (naming `name`) when it is not JSON."""
     if not path.exists():
-        if required:
-            raise ModelError(
-                f"no config.json in the staged model ({path.parent}): warmpod picks the model family from it "
-                "(model_type 'bert' or 'mlp'), or serve any nn.Module with --factory package.module:function"
-            )
-        return {}
+        return None
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{path.name} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{path.name} must hold a JSON object, not {type(config).__name__}")
-    return config
+        raise ModelError(f"{name} is not valid JSON: {e}") from None
+
+
+def read_json_object(path: Path, name: str) -> dict[str, Any] | None:
+    """`read_json` for files that must hold a JSON object."""
+    value = read_json(path, name)
+    if value is None or isinstance(value, dict):
+        return value
+    raise ModelError(f"{name} must hold a JSON object, not {type(value).__name__}")
 
 
 def stack_inputs(batch: Sequence[Prepared], names: Sequence[str]) -> list[np.ndarray]:
