@@ -1,4 +1,6 @@
-"""The MLP / classifier family: a small JSON config next to the safetensors describes the layers.
+"""The MLP / classifier family on torch: the staged weights assigned to `MLP` (config and I/O: `mlp_spec.py`).
+
+A small JSON config next to the safetensors describes the layers.
 
 `config.json`::
 
@@ -21,20 +23,9 @@ import torch
 from torch import nn
 
 from loader.store import StagedModel
-from server.errors import ModelError
-from server.families.common import as_arrays, split_rows, stack_inputs
-from server.model import Prepared, ServedModel, assign_weights, build_on_meta, check_inputs
-from server.tensors import Tensor, TensorSpec
-
-ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "identity")
-OUTPUT_ACTIVATIONS = (None, "softmax", "sigmoid")
-
-
-def _positive_int(config: Mapping[str, Any], key: str) -> int:
-    value = config.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ModelError(f"mlp config: {key!r} must be a positive integer, got {value!r}")
-    return value
+from server.families.common import stack_inputs
+from server.families.mlp_spec import MLPInterface
+from server.model import Prepared, assign_weights, build_on_meta
 
 
 class MLP(nn.Module):
@@ -65,33 +56,9 @@ def _activate(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-class MLPModel(ServedModel):
-    family = "mlp"
-
+class MLPModel(MLPInterface):
     def __init__(self, name: str, version: str, staged: StagedModel | None, config: Mapping[str, Any]) -> None:
-        super().__init__(name, version, staged)
-        self.input_size = _positive_int(config, "input_size")
-        self.output_size = _positive_int(config, "output_size")
-        hidden = config.get("hidden_sizes", [])
-        if not isinstance(hidden, list) or not all(isinstance(h, int) and h > 0 for h in hidden):
-            raise ModelError(f"mlp config: 'hidden_sizes' must be a list of positive integers, got {hidden!r}")
-        self.sizes = [self.input_size, *hidden, self.output_size]
-        self.activation = config.get("activation", "relu")
-        if self.activation not in ACTIVATIONS:
-            raise ModelError(f"mlp config: activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
-        self.output_activation = config.get("output_activation")
-        if self.output_activation not in OUTPUT_ACTIVATIONS:
-            raise ModelError(
-                f"mlp config: output_activation {self.output_activation!r} is not softmax, sigmoid or null"
-            )
-        labels = config.get("labels")
-        if labels is not None and (
-            not isinstance(labels, list)
-            or len(labels) != self.output_size
-            or not all(isinstance(x, str) for x in labels)
-        ):
-            raise ModelError(f"mlp config: 'labels' must be {self.output_size} strings (one per output)")
-        self.labels: list[str] | None = labels
+        super().__init__(name, version, staged, config)
         self.module: MLP | None = None
         self.dtype = torch.float32
 
@@ -104,42 +71,17 @@ class MLPModel(ServedModel):
         model.dtype = next(module.parameters()).dtype
         return model
 
-    @property
-    def inputs(self) -> tuple[TensorSpec, ...]:
-        return (TensorSpec("input", "FP32", (-1, self.input_size)),)
-
-    @property
-    def outputs(self) -> tuple[TensorSpec, ...]:
-        specs = [TensorSpec("logits", "FP32", (-1, self.output_size))]
-        if self.output_activation:
-            specs.append(TensorSpec("probabilities", "FP32", (-1, self.output_size)))
-        if self.labels:
-            specs.append(TensorSpec("label", "BYTES", (-1,)))
-        return tuple(specs)
-
-    def prepare(self, inputs: Mapping[str, Tensor]) -> Prepared:
-        check_inputs(self.name, self.inputs, inputs)
-        arrays = as_arrays(inputs, ["input"])
-        return Prepared(rows=arrays["input"].shape[0], data=arrays, model=self)
-
     def run(self, batch: Sequence[Prepared]) -> list[dict[str, np.ndarray]]:
         assert self.module is not None, "model closed"
         (x,) = stack_inputs(batch, ["input"])
         with torch.inference_mode():
             logits = self.module(torch.from_numpy(np.ascontiguousarray(x)).to(self.dtype)).float()
-            outputs = {"logits": logits.numpy()}
+            probabilities = None
             if self.output_activation == "softmax":
-                outputs["probabilities"] = torch.softmax(logits, dim=-1).numpy()
+                probabilities = torch.softmax(logits, dim=-1).numpy()
             elif self.output_activation == "sigmoid":
-                outputs["probabilities"] = torch.sigmoid(logits).numpy()
-        if self.labels:
-            best = outputs["logits"].argmax(axis=-1)
-            outputs["label"] = np.array([self.labels[i].encode() for i in best], dtype=object)
-        return split_rows(batch, outputs)
-
-    def example_inputs(self) -> dict[str, Tensor]:
-        data = np.zeros((1, self.input_size), dtype=np.float32)
-        return {"input": Tensor("input", "FP32", data.shape, data)}
+                probabilities = torch.sigmoid(logits).numpy()
+        return self.finish(batch, logits.numpy(), probabilities)
 
     def close(self) -> None:
         self.module = None

@@ -29,7 +29,8 @@ from safetensors.torch import save_file
 from loader.load import LoadRequest, load
 from loader.store import StagedModel, open_model
 from server.errors import BadRequest, ModelError
-from server.families.bert import BertConfig, BertEncoder, BertModel, pool, pooling_mode, sentence_settings
+from server.families.bert import BertEncoder, BertModel, pool
+from server.families.sentence import BertConfig, pooling_mode, sentence_settings
 from server.model import Prepared
 from server.tensors import Tensor
 from tests.procmaps import mappings
@@ -400,7 +401,7 @@ def test_prepared_rows_and_tokens(encoder: BertEncoder) -> None:
 
 
 def test_length_groups_bound_the_padding_and_cover_every_row() -> None:
-    from server.families.bert import length_groups
+    from server.families.sentence import length_groups
 
     lengths = [5, 120, 7, 118, 6, 60, 64, 5]
     groups = length_groups(lengths)

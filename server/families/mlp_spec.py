@@ -1,0 +1,104 @@
+"""The torch-free half of the MLP / classifier family (config, inputs, outputs, labels), shared by the torch model
+(`mlp.py`) and the edge engine (`wasm/`).
+
+A small JSON config next to the safetensors describes the layers.
+
+`config.json`::
+
+    {"model_type": "mlp", "input_size": 4, "hidden_sizes": [16, 16], "output_size": 3,
+     "activation": "relu", "output_activation": "softmax", "labels": ["setosa", "versicolor", "virginica"]}
+
+Tensors: `layers.{i}.weight` (out, in) and `layers.{i}.bias` for every linear layer, input to output, in the dtype the
+model computes in (F32, F16, BF16, F64). Input `input` FP32 [batch, input_size]; outputs `logits` FP32, plus
+`probabilities` when `output_activation` is softmax/sigmoid, plus `label` BYTES when `labels` are given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from server.errors import ModelError
+from server.families.common import as_arrays, split_rows
+from server.model import Prepared, ServedModel, check_inputs
+from server.tensors import Tensor, TensorSpec
+
+if TYPE_CHECKING:
+    from loader.store import StagedModel
+
+ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "identity")
+OUTPUT_ACTIVATIONS = (None, "softmax", "sigmoid")
+
+
+def _positive_int(config: Mapping[str, Any], key: str) -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ModelError(f"mlp config: {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+class MLPInterface(ServedModel):
+    """An MLP's config, inputs and outputs; subclasses give `run` and call `finish` with the logits."""
+
+    family = "mlp"
+
+    def __init__(self, name: str, version: str, staged: StagedModel | None, config: Mapping[str, Any]) -> None:
+        super().__init__(name, version, staged)
+        self.input_size = _positive_int(config, "input_size")
+        self.output_size = _positive_int(config, "output_size")
+        hidden = config.get("hidden_sizes", [])
+        if not isinstance(hidden, list) or not all(isinstance(h, int) and h > 0 for h in hidden):
+            raise ModelError(f"mlp config: 'hidden_sizes' must be a list of positive integers, got {hidden!r}")
+        self.sizes = [self.input_size, *hidden, self.output_size]
+        self.activation = config.get("activation", "relu")
+        if self.activation not in ACTIVATIONS:
+            raise ModelError(f"mlp config: activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
+        self.output_activation = config.get("output_activation")
+        if self.output_activation not in OUTPUT_ACTIVATIONS:
+            raise ModelError(
+                f"mlp config: output_activation {self.output_activation!r} is not softmax, sigmoid or null"
+            )
+        labels = config.get("labels")
+        if labels is not None and (
+            not isinstance(labels, list)
+            or len(labels) != self.output_size
+            or not all(isinstance(x, str) for x in labels)
+        ):
+            raise ModelError(f"mlp config: 'labels' must be {self.output_size} strings (one per output)")
+        self.labels: list[str] | None = labels
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("input", "FP32", (-1, self.input_size)),)
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        specs = [TensorSpec("logits", "FP32", (-1, self.output_size))]
+        if self.output_activation:
+            specs.append(TensorSpec("probabilities", "FP32", (-1, self.output_size)))
+        if self.labels:
+            specs.append(TensorSpec("label", "BYTES", (-1,)))
+        return tuple(specs)
+
+    def prepare(self, inputs: Mapping[str, Tensor]) -> Prepared:
+        check_inputs(self.name, self.inputs, inputs)
+        arrays = as_arrays(inputs, ["input"])
+        return Prepared(rows=arrays["input"].shape[0], data=arrays, model=self)
+
+    def finish(
+        self, batch: Sequence[Prepared], logits: np.ndarray, probabilities: np.ndarray | None
+    ) -> list[dict[str, np.ndarray]]:
+        """Each request's rows of the logits, probabilities (with an output activation) and labels (with labels)."""
+        outputs = {"logits": logits}
+        if probabilities is not None:
+            outputs["probabilities"] = probabilities
+        if self.labels:
+            best = logits.argmax(axis=-1)
+            outputs["label"] = np.array([self.labels[i].encode() for i in best], dtype=object)
+        return split_rows(batch, outputs)
+
+    def example_inputs(self) -> dict[str, Tensor]:
+        data = np.zeros((1, self.input_size), dtype=np.float32)
+        return {"input": Tensor("input", "FP32", data.shape, data)}
