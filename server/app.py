@@ -91,16 +91,23 @@ class ServerState:
             self.exit_code.set_result(code)
 
 
+ModelTask = Callable[[web.Application], Awaitable[None]]
 CONFIG = web.AppKey("config", ServerConfig)
 METRICS = web.AppKey("metrics", ServerMetrics)
 STATE = web.AppKey("state", ServerState)
 BATCHER = web.AppKey("batcher", BatchQueue)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
+MODEL_TASK: web.AppKey[ModelTask] = web.AppKey("model_task")
 
 
-def create_app(config: ServerConfig, registry: CollectorRegistry | None = None) -> web.Application:
+def create_app(
+    config: ServerConfig, registry: CollectorRegistry | None = None, *, model_task: ModelTask | None = None
+) -> web.Application:
+    """The server. `model_task` puts the model in place (default: follow the store, swapping new versions in);
+    the edge passes its own, everything else — protocol, batching, metrics, drain — is the same."""
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[errors_and_metrics])
     app[CONFIG] = config
+    app[MODEL_TASK] = model_task or follow_store
     app[METRICS] = ServerMetrics(registry if registry is not None else CollectorRegistry())
     app.cleanup_ctx.extend([state_ctx, batcher_ctx, model_ctx])
     app.router.add_get("/v2/health/live", live, name="live")
@@ -163,7 +170,7 @@ async def serve_model(app: web.Application) -> None:
     Anything unexpected stops the process with exit 1 and the error, rather than leaving it "not ready" forever.
     """
     try:
-        await _serve_model(app)
+        await app[MODEL_TASK](app)
     except asyncio.CancelledError:
         raise
     except Exception as e:
@@ -171,8 +178,9 @@ async def serve_model(app: web.Application) -> None:
         app[STATE].stop(1, f"serving {app[CONFIG].model!r} failed: {type(e).__name__}: {e}")
 
 
-async def _serve_model(app: web.Application) -> None:
-    config, state, metrics = app[CONFIG], app[STATE], app[METRICS]
+async def follow_store(app: web.Application) -> None:
+    """The server's model task: wait for the loader's first version, serve it, swap each new version in."""
+    config, state = app[CONFIG], app[STATE]
     # Import torch while the loader may still be streaming: the ~1.5 s import overlaps the wait, not the cold start.
     torch_imported = asyncio.create_task(asyncio.to_thread(import_torch, config.threads), name="import torch")
     staged = await wait_published(config)
@@ -180,14 +188,11 @@ async def _serve_model(app: web.Application) -> None:
     # no net gain on a 2-core VM at 4 GiB, see BENCHMARKS.md; on a swap it keeps the faults off the serving path).
     await asyncio.gather(torch_imported, asyncio.to_thread(staged.populate))
     try:
-        model = state.model = await build(app, staged)
+        model = await build(app, staged)
     except ModelError as e:
         state.stop(5, str(e))
         return
-    cold = time.time() - config.process_start
-    metrics.cold_start_seconds.labels(config.model).set(cold)
-    metrics.ready.set(0 if state.draining else 1)
-    log.info("ready: model %s version %s (%s), cold start %.2f s", config.model, model.version, model.family, cold)
+    mark_ready(app, model)
     watcher = VersionWatcher(config.store, config.model, seen=model.version)
     del model, staged  # this frame lives as long as the server: it must not keep a version mapped after a swap
     while True:
@@ -211,17 +216,32 @@ async def wait_published(config: ServerConfig) -> StagedModel:
             await asyncio.sleep(config.poll_interval_s)
 
 
+def mark_ready(app: web.Application, model: ServedModel) -> None:
+    """Serve `model` from now on and report ready, with the process's cold start (start → ready)."""
+    config, state, metrics = app[CONFIG], app[STATE], app[METRICS]
+    state.model = model
+    cold = time.time() - config.process_start
+    metrics.cold_start_seconds.labels(config.model).set(cold)
+    metrics.ready.set(0 if state.draining else 1)
+    log.info("ready: model %s version %s (%s), cold start %.2f s", config.model, model.version, model.family, cold)
+
+
 async def build(app: web.Application, staged: StagedModel) -> ServedModel:
     """Build a model on a staged version off the event loop (map, assign, warm-up), timing it."""
+    return await load_timed(app, lambda: build_in_thread(staged, app[CONFIG]))
+
+
+async def load_timed(app: web.Application, make: Callable[[], ServedModel]) -> ServedModel:
+    """Make a model on a thread (off the event loop), recording its load time, failures and version."""
     config, metrics = app[CONFIG], app[METRICS]
     started = time.monotonic()
     try:
-        model = await asyncio.to_thread(build_in_thread, staged, config)
+        model = await asyncio.to_thread(make)
     except ModelError:
         metrics.model_load_failures.labels(config.model).inc()
         raise
     metrics.model_load_seconds.labels(config.model).observe(time.monotonic() - started)
-    metrics.model_version.labels(config.model, staged.version, model.family).set(1)
+    metrics.model_version.labels(config.model, model.version, model.family).set(1)
     return model
 
 

@@ -74,9 +74,14 @@ def share(rows: int, max_rows: int, idle_workers: int) -> int:
 
 
 def run_isolated(model: ServedModel, batch: Sequence[Prepared]) -> list[Outputs | Exception]:
-    """Run a batch; if it fails, run its requests one by one so one bad request fails alone (worker thread)."""
+    """Run a batch; if it fails, run its requests one by one so one bad request fails alone (worker thread).
+
+    A batch stopped at its deadline is not retried: its requests' time is spent.
+    """
     try:
         return list(model.run(batch))
+    except DeadlineExceeded as e:
+        return [e] * len(batch)
     except Exception as e:
         if len(batch) == 1:
             return [e]

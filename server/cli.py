@@ -13,7 +13,7 @@ from pathlib import Path
 
 from loader.plan import size_arg
 from loader.store import DEFAULT_ROOT
-from server.app import ServerConfig, process_start_time
+from server.app import ModelTask, ServerConfig, process_start_time
 
 log = logging.getLogger("warmpod.server")
 
@@ -43,8 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path(os.environ.get("WARMPOD_STORE", DEFAULT_ROOT)),
         help=f"store root (default $WARMPOD_STORE or {DEFAULT_ROOT})",
     )
+    add_serving_arguments(p, default_port=8080)
+    p.add_argument("--threads", type=_positive(int), default=1, help="torch intra-op threads per forward (default 1)")
+    p.add_argument("--factory", help="serve any nn.Module: package.module:function (receives config.json's dict)")
+    return p
+
+
+def add_serving_arguments(p: argparse.ArgumentParser, *, default_port: int) -> None:
+    """The flags `warmpod serve` and `warmpod edge serve` share: address, batching, limits, drain."""
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 in a pod)")
-    p.add_argument("--port", type=_positive(int, 0), default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument(
+        "--port",
+        type=_positive(int, 0),
+        default=default_port,
+        help=f"port (default {default_port}; 0 picks a free one)",
+    )
     p.add_argument("--max-batch-size", type=_positive(int), default=32, help="rows per forward pass (default 32)")
     p.add_argument(
         "--max-batch-delay-ms",
@@ -53,7 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a batch waits for more requests after its first one arrives (default 2 ms)",
     )
     p.add_argument("--max-queue", type=_positive(int), default=256, help="requests waiting before 503s (default 256)")
-    p.add_argument("--threads", type=_positive(int), default=1, help="torch intra-op threads per forward (default 1)")
     p.add_argument(
         "--workers", type=_positive(int), default=1, help="forward passes that run at once, on threads (default 1)"
     )
@@ -64,7 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--drain-grace", type=_positive(float, 0), default=25.0, help="seconds to finish requests on SIGTERM (25)"
     )
-    p.add_argument("--factory", help="serve any nn.Module: package.module:function (receives config.json's dict)")
     p.add_argument(
         "--no-truncate",
         dest="truncate",
@@ -73,7 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="text longer than the model's limit → 400, instead of truncating as the model's files say",
     )
     p.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT: several servers share one port")
-    return p
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -96,13 +106,20 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:
+async def serve(
+    config: ServerConfig,
+    *,
+    reuse_port: bool = False,
+    model_task: ModelTask | None = None,
+    prog: str = "warmpod serve",
+    description: str = "",
+) -> int:
     """Run until SIGTERM/SIGINT (drain, exit 0) or a model that cannot be served (exit 5)."""
     from aiohttp import web
 
     from server.app import STATE, create_app, drain
 
-    app = create_app(config)
+    app = create_app(config, model_task=model_task)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     try:
@@ -110,11 +127,11 @@ async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:
         try:
             await site.start()
         except OSError as e:
-            print(f"warmpod serve: error: cannot listen on {config.host}:{config.port}: {e.strerror}", file=sys.stderr)
+            print(f"{prog}: error: cannot listen on {config.host}:{config.port}: {e.strerror}", file=sys.stderr)
             return 2
         host, port = runner.addresses[0][:2]
-        print(f"warmpod serve: listening on http://{host}:{port} (model {config.model}, store {config.store})",
-              file=sys.stderr, flush=True)  # fmt: skip
+        what = description or f"model {config.model}, store {config.store}"
+        print(f"{prog}: listening on http://{host}:{port} ({what})", file=sys.stderr, flush=True)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(drain(app)))
@@ -125,7 +142,7 @@ async def serve(config: ServerConfig, *, reuse_port: bool = False) -> int:
         await site.stop()
         await asyncio.sleep(0.2)
         if state.fatal:
-            print(f"warmpod serve: error: {state.fatal}", file=sys.stderr, flush=True)
+            print(f"{prog}: error: {state.fatal}", file=sys.stderr, flush=True)
         return code
     finally:
         await runner.cleanup()

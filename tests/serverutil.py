@@ -49,8 +49,16 @@ class WarmpodServer:
 
     def __init__(self, store: Path, model: str, *args: str, log_dir: Path, env: dict[str, str] | None = None) -> None:
         self.store, self.model, self.args = store, model, args
+        self.command = ["serve", "--model", model, "--store", str(store)]
         self.log_path = log_dir / f"serve-{model}-{time.monotonic_ns()}.log"
         self.env = env
+
+    @classmethod
+    def edge(cls, bundle: Path, *args: str, log_dir: Path, env: dict[str, str] | None = None) -> WarmpodServer:
+        """`warmpod edge serve BUNDLE_OR_MODEL` instead (same protocol, same handling here)."""
+        server = cls(bundle, bundle.name, *args, log_dir=log_dir, env=env)
+        server.command = ["edge", "serve", str(bundle)]
+        return server
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -63,8 +71,7 @@ class WarmpodServer:
         return f"127.0.0.1:{self.port}"
 
     def start(self, *, wait_ready: bool = True, timeout: float = 60) -> WarmpodServer:
-        cmd = [sys.executable, "-m", "warmpod", "serve", "--model", self.model, "--store", str(self.store),
-               "--port", "0", *self.args]  # fmt: skip
+        cmd = [sys.executable, "-m", "warmpod", *self.command, "--port", "0", *self.args]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, env=cli_env(self.env), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         started = time.monotonic()

@@ -16,6 +16,7 @@ model computes in (F32, F16, BF16, F64). Input `input` FP32 [batch, input_size];
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,6 +40,36 @@ def _positive_int(config: Mapping[str, Any], key: str) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class MLPConfig:
+    """A `model_type: mlp` config.json, checked: layer sizes input → output, activations, optional labels."""
+
+    sizes: list[int]
+    activation: str
+    output_activation: str | None
+    labels: list[str] | None
+
+    @classmethod
+    def from_json(cls, config: Mapping[str, Any]) -> MLPConfig:
+        input_size = _positive_int(config, "input_size")
+        output_size = _positive_int(config, "output_size")
+        hidden = config.get("hidden_sizes", [])
+        if not isinstance(hidden, list) or not all(isinstance(h, int) and h > 0 for h in hidden):
+            raise ModelError(f"mlp config: 'hidden_sizes' must be a list of positive integers, got {hidden!r}")
+        activation = config.get("activation", "relu")
+        if activation not in ACTIVATIONS:
+            raise ModelError(f"mlp config: activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
+        output_activation = config.get("output_activation")
+        if output_activation not in OUTPUT_ACTIVATIONS:
+            raise ModelError(f"mlp config: output_activation {output_activation!r} is not softmax, sigmoid or null")
+        labels = config.get("labels")
+        if labels is not None and (
+            not isinstance(labels, list) or len(labels) != output_size or not all(isinstance(x, str) for x in labels)
+        ):
+            raise ModelError(f"mlp config: 'labels' must be {output_size} strings (one per output)")
+        return cls([input_size, *hidden, output_size], activation, output_activation, labels)
+
+
 class MLPInterface(ServedModel):
     """An MLP's config, inputs and outputs; subclasses give `run` and call `finish` with the logits."""
 
@@ -46,28 +77,12 @@ class MLPInterface(ServedModel):
 
     def __init__(self, name: str, version: str, staged: StagedModel | None, config: Mapping[str, Any]) -> None:
         super().__init__(name, version, staged)
-        self.input_size = _positive_int(config, "input_size")
-        self.output_size = _positive_int(config, "output_size")
-        hidden = config.get("hidden_sizes", [])
-        if not isinstance(hidden, list) or not all(isinstance(h, int) and h > 0 for h in hidden):
-            raise ModelError(f"mlp config: 'hidden_sizes' must be a list of positive integers, got {hidden!r}")
-        self.sizes = [self.input_size, *hidden, self.output_size]
-        self.activation = config.get("activation", "relu")
-        if self.activation not in ACTIVATIONS:
-            raise ModelError(f"mlp config: activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
-        self.output_activation = config.get("output_activation")
-        if self.output_activation not in OUTPUT_ACTIVATIONS:
-            raise ModelError(
-                f"mlp config: output_activation {self.output_activation!r} is not softmax, sigmoid or null"
-            )
-        labels = config.get("labels")
-        if labels is not None and (
-            not isinstance(labels, list)
-            or len(labels) != self.output_size
-            or not all(isinstance(x, str) for x in labels)
-        ):
-            raise ModelError(f"mlp config: 'labels' must be {self.output_size} strings (one per output)")
-        self.labels: list[str] | None = labels
+        spec = MLPConfig.from_json(config)
+        self.sizes = spec.sizes
+        self.input_size, self.output_size = spec.sizes[0], spec.sizes[-1]
+        self.activation = spec.activation
+        self.output_activation = spec.output_activation
+        self.labels = spec.labels
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:

@@ -1,0 +1,492 @@
+"""Edge bundles: a model turned into what the WebAssembly engine runs (format: `wasm/ABI.md`).
+
+A bundle is a directory: `edge.json` (the graph described by name, the tensor order, the weights' digest, the
+accuracy of its precision), `weights.safetensors` (FP32, FP16 or INT8 with per-row scales) and, for text encoders,
+the model's `tokenizer.json`. Pure core first (config → graph, quantization, validation), then the I/O shell
+(read a model directory or a staged store version, write a bundle atomically, load one).
+
+Torch is never imported: the edge runs where torch is not installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import mmap
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from server.errors import ModelError
+from server.families.common import read_json, read_json_object
+from server.families.mlp_spec import MLPConfig
+from server.families.sentence import (
+    BertConfig,
+    SentenceSettings,
+    read_sentence_files,
+    select_encoder_tensors,
+    transformer_dir,
+)
+
+FORMAT = "warmpod-edge"
+FORMAT_VERSION = 1
+MANIFEST = "edge.json"
+WEIGHTS = "weights.safetensors"
+TOKENIZER = "tokenizer.json"
+DTYPES = ("fp32", "fp16", "int8")
+KINDS = ("mlp", "bert")
+
+# Engine codes (ABI.md): kinds, activations, poolings, tensor dtypes.
+KIND_CODES = {"mlp": 1, "bert": 2}
+MLP_ACTIVATION_CODES = {"identity": 0, "relu": 1, "tanh": 2, "gelu": 3, "sigmoid": 4}
+OUTPUT_ACTIVATION_CODES = {None: 0, "softmax": 1, "sigmoid": 2}
+BERT_ACTIVATION_CODES = {"relu": 1, "gelu": 3, "gelu_new": 5, "gelu_pytorch_tanh": 5}
+POOLING_CODES = {"mean": 0, "cls": 1, "max": 2, "mean_sqrt_len": 3}
+TENSOR_DTYPE_CODES = {"F32": 0, "F16": 1, "I8": 2}
+_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "I8": np.int8}
+
+
+QKV = ("query", "key", "value")
+
+
+def _bert_layer_tensors(h: int, i: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """One BERT layer's tensors in engine order (ABI.md: base 5 + 16 l) with their shapes."""
+    return (
+        *(
+            (f"attention.self.{p}.{k}", (h, h) if k == "weight" else (h,))
+            for p in ("query", "key", "value")
+            for k in ("weight", "bias")
+        ),
+        ("attention.output.dense.weight", (h, h)),
+        ("attention.output.dense.bias", (h,)),
+        ("attention.output.LayerNorm.weight", (h,)),
+        ("attention.output.LayerNorm.bias", (h,)),
+        ("intermediate.dense.weight", (i, h)),
+        ("intermediate.dense.bias", (i,)),
+        ("output.dense.weight", (h, i)),
+        ("output.dense.bias", (h,)),
+        ("output.LayerNorm.weight", (h,)),
+        ("output.LayerNorm.bias", (h,)),
+    )
+
+
+# ---------------------------------------------------------------- pure core: the graph
+
+
+@dataclass(frozen=True)
+class Graph:
+    """What the engine runs: a kind, its named config, and the tensors it wants in engine order (name → shape)."""
+
+    kind: str
+    config: dict[str, Any]
+    tensors: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.tensors]
+
+    def words(self) -> list[int]:
+        """The `wp_init` description (ABI.md), as i32 words."""
+        c = self.config
+        if self.kind == "mlp":
+            sizes = c["sizes"]
+            return [len(sizes) - 1, *sizes, MLP_ACTIVATION_CODES[c["activation"]],
+                    OUTPUT_ACTIVATION_CODES[c["output_activation"]]]  # fmt: skip
+        eps_bits = int(np.array(c["layer_norm_eps"], dtype=np.float32).view(np.int32))
+        return [
+            *(c[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")),
+            *(c[k] for k in ("intermediate_size", "max_position_embeddings", "type_vocab_size")),
+            BERT_ACTIVATION_CODES[c["hidden_act"]],
+            POOLING_CODES[c["pooling"]],
+            int(c["normalize"]),
+            eps_bits,
+        ]
+
+
+def mlp_graph(config: Mapping[str, Any]) -> Graph:
+    """The engine graph of a `model_type: mlp` config.json (checked as the server's MLP family checks it)."""
+    spec = MLPConfig.from_json(config)
+    tensors: list[tuple[str, tuple[int, ...]]] = []
+    for i, (a, b) in enumerate(itertools.pairwise(spec.sizes)):
+        tensors += [(f"layers.{i}.weight", (b, a)), (f"layers.{i}.bias", (b,))]
+    config_out = {
+        "sizes": spec.sizes,
+        "activation": spec.activation,
+        "output_activation": spec.output_activation,
+        "labels": spec.labels,
+    }
+    return Graph("mlp", config_out, tuple(tensors))
+
+
+def bert_graph(config: BertConfig, settings: SentenceSettings) -> Graph:
+    """The engine graph of a BERT encoder with its sentence-transformers pooling."""
+    h, i = config.hidden_size, config.intermediate_size
+    tensors: list[tuple[str, tuple[int, ...]]] = [
+        ("embeddings.word_embeddings.weight", (config.vocab_size, h)),
+        ("embeddings.position_embeddings.weight", (config.max_position_embeddings, h)),
+        ("embeddings.token_type_embeddings.weight", (config.type_vocab_size, h)),
+        ("embeddings.LayerNorm.weight", (h,)),
+        ("embeddings.LayerNorm.bias", (h,)),
+    ]
+    for layer in range(config.num_hidden_layers):
+        tensors += [(f"encoder.layer.{layer}.{name}", shape) for name, shape in _bert_layer_tensors(h, i)]
+    config_out = {
+        "vocab_size": config.vocab_size,
+        "hidden_size": h,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "intermediate_size": i,
+        "max_position_embeddings": config.max_position_embeddings,
+        "type_vocab_size": config.type_vocab_size,
+        "hidden_act": config.hidden_act,
+        "layer_norm_eps": config.layer_norm_eps,
+        "pad_token_id": config.pad_token_id,
+        "pooling": settings.pooling,
+        "normalize": settings.normalize,
+    }
+    return Graph("bert", config_out, tuple(tensors))
+
+
+def graph_of(kind: str, config: Mapping[str, Any]) -> Graph:
+    """A bundle's graph from its edge.json `config` (the inverse of Graph.config); ModelError names what is wrong."""
+    if kind == "mlp":
+        sizes = config.get("sizes")
+        if not isinstance(sizes, list) or len(sizes) < 2:
+            raise ModelError(f"{MANIFEST}: config.sizes must list at least two layer sizes, got {sizes!r}")
+        hidden = sizes[1:-1]
+        mlp = {"input_size": sizes[0], "hidden_sizes": hidden, "output_size": sizes[-1], **config}
+        return mlp_graph(mlp)
+    if kind == "bert":
+        bert = BertConfig.from_json(config)
+        pooling, normalize = config.get("pooling"), config.get("normalize")
+        if pooling not in POOLING_CODES or not isinstance(normalize, bool):
+            raise ModelError(
+                f"{MANIFEST}: config.pooling must be one of {', '.join(POOLING_CODES)} and config.normalize a "
+                f"boolean, got {pooling!r} and {normalize!r}"
+            )
+        return bert_graph(bert, SentenceSettings(pooling, normalize, bert.max_position_embeddings, False))
+    raise ModelError(f"{MANIFEST}: kind {kind!r} is not one the engine runs ({', '.join(KINDS)})")
+
+
+def fit_tensors(graph: Graph, tensors: Mapping[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
+    """The graph's tensors from `tensors`, in engine order; ModelError naming every missing, extra or mis-shaped one."""
+    wanted = dict(graph.tensors)
+    missing = [n for n in wanted if n not in tensors]
+    extra = sorted(set(tensors) - set(wanted))
+    wrong = [f"{n} is {list(tensors[n].shape)}, the graph wants {list(s)}"
+             for n, s in wanted.items() if n in tensors and tuple(tensors[n].shape) != s]  # fmt: skip
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_first(missing)}")
+    if extra:
+        problems.append(f"unexpected tensors: {_first(extra)}")
+    if wrong:
+        problems.append(f"mis-shaped tensors: {_first(wrong)}")
+    if problems:
+        raise ModelError(f"{what}: the weights do not match the {graph.kind} graph — " + "; ".join(problems))
+    return {n: tensors[n] for n in wanted}
+
+
+def _first(items: Sequence[str], limit: int = 6) -> str:
+    return ", ".join(items[:limit]) + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
+
+
+def quantize(tensors: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """Store FP32 tensors as `dtype`: fp16 everywhere, or int8 for 2-D matrices (symmetric, one scale per row;
+    vectors stay FP32). An I8 tensor X gets its scales as `X.scale`."""
+    if dtype == "fp32":
+        return {n: np.ascontiguousarray(t, dtype=np.float32) for n, t in tensors.items()}
+    if dtype == "fp16":
+        return {n: t.astype(np.float16) for n, t in tensors.items()}
+    out: dict[str, np.ndarray] = {}
+    for name, t in tensors.items():
+        t = np.asarray(t, dtype=np.float32)
+        if t.ndim != 2:
+            out[name] = np.ascontiguousarray(t)
+            continue
+        scale = np.abs(t).max(axis=1) / 127.0
+        scale[scale == 0] = 1.0
+        out[name] = np.clip(np.rint(t / scale[:, None]), -127, 127).astype(np.int8)
+        out[name + ".scale"] = scale.astype(np.float32)
+    return out
+
+
+def dequantize(stored: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    """The FP32 values a stored tensor stands for (what the engine computes with)."""
+    t = stored[name]
+    if t.dtype == np.int8:
+        return np.asarray(t.astype(np.float32) * stored[name + ".scale"][:, None])
+    return np.asarray(t, dtype=np.float32)
+
+
+# ---------------------------------------------------------------- the bundle
+
+
+@dataclass
+class Bundle:
+    """A bundle in memory: its manifest, graph and stored tensors (views of the mapped file once loaded)."""
+
+    name: str
+    graph: Graph
+    dtype: str
+    tensors: dict[str, np.ndarray]  # stored names → arrays (incl. ".scale" companions)
+    tokenizer: Path | None = None  # BERT: the tokenizer.json to use
+    text: dict[str, Any] | None = None  # BERT: max_seq_length, truncate, pad_token_id
+    accuracy: dict[str, Any] | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None  # where it was loaded from
+
+    def manifest(self, weights_sha256: str) -> dict[str, Any]:
+        m: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "kind": self.graph.kind,
+            "dtype": self.dtype,
+            "config": self.graph.config,
+            "tensors": self.graph.names,
+            "weights": {"file": WEIGHTS, "sha256": weights_sha256},
+            "accuracy": self.accuracy,
+            "source": self.source,
+        }
+        if self.text is not None:
+            m["text"] = {"tokenizer": TOKENIZER, **self.text}
+        return m
+
+    def engine_tensors(self) -> list[tuple[int, np.ndarray, np.ndarray | None]]:
+        """(dtype code, data, scales or None) per tensor, in engine order."""
+        out = []
+        for name in self.graph.names:
+            data = self.tensors[name]
+            dtype = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int8): "I8"}[data.dtype]
+            out.append((TENSOR_DTYPE_CODES[dtype], data, self.tensors.get(name + ".scale")))
+        return out
+
+    def with_dtype(self, dtype: str) -> Bundle:
+        """The same model stored in another precision (from an FP32 bundle)."""
+        assert self.dtype == "fp32", "quantize from the FP32 weights"
+        return replace(self, dtype=dtype, tensors=quantize(self.tensors, dtype), accuracy=None)
+
+
+# ---------------------------------------------------------------- shell: reading models and bundles
+
+
+_SAFETENSORS_NUMPY = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "U8": np.uint8,
+                      "I16": np.int16, "I32": np.int32, "I64": np.int64, "BOOL": np.bool_}  # fmt: skip
+
+
+def as_array(buffer: Any, dtype: str, shape: Sequence[int], offset: int, name: str) -> np.ndarray:
+    """A safetensors tensor as a numpy view of `buffer` (BF16, which numpy lacks, widened to FP32)."""
+    count = int(np.prod(shape, dtype=np.int64))
+    if dtype == "BF16":
+        raw = np.frombuffer(buffer, dtype=np.uint16, count=count, offset=offset)
+        return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    np_dtype = _SAFETENSORS_NUMPY.get(dtype)
+    if np_dtype is None:
+        raise ModelError(f"tensor {name!r} is {dtype}, which the edge cannot read")
+    return np.frombuffer(buffer, dtype=np_dtype, count=count, offset=offset).reshape(shape)
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file's tensors as read-only numpy views of its mapping (BF16 and F64 converted to FP32)."""
+    from loader.errors import InvalidModel
+    from loader.header import PREFIX_BYTES, header_length, parse_header
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        n = header_length(bytes(mapping[:PREFIX_BYTES]), path.name)
+        header = parse_header(bytes(mapping[PREFIX_BYTES : PREFIX_BYTES + n]), path.name, size)
+    except InvalidModel as e:
+        raise ModelError(str(e)) from None
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read: {e.strerror}") from None
+    return {t.name: as_array(mapping, t.dtype, t.shape, header.data_start + t.begin, t.name) for t in header.tensors}
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A model to compile: where its files are, and its tensors (from a directory or a staged store version)."""
+
+    name: str
+    file_path: Callable[[str], Path]
+    load_tensors: Callable[[], dict[str, np.ndarray]]
+    source: dict[str, Any]
+
+
+def model_directory(path: Path, name: str | None = None) -> ModelFiles:
+    """A directory with config.json and *.safetensors (a checkout, a volume, an unpacked package)."""
+    files = sorted(path.glob("*.safetensors"))
+    if not path.is_dir():
+        raise ModelError(f"{path} is not a directory (a model directory or an edge bundle)")
+    if not files:
+        raise ModelError(f"{path}: no *.safetensors files; warmpod reads safetensors only (never pickle)")
+
+    def load() -> dict[str, np.ndarray]:
+        tensors: dict[str, np.ndarray] = {}
+        for f in files:
+            tensors.update(read_safetensors(f))
+        return tensors
+
+    return ModelFiles(name or path.name, lambda rel: path / rel, load, {"directory": str(path)})
+
+
+def staged_version(store: Path, model: str) -> ModelFiles:
+    """The current published version of `model` in a warmpod store (read through its mapping, no copy)."""
+    from loader.store import open_model
+
+    try:
+        staged = open_model(store, model)
+    except FileNotFoundError as e:
+        raise ModelError(str(e)) from None
+
+    def load() -> dict[str, np.ndarray]:
+        return {n: as_array(staged.buffer(n), e.dtype, e.shape, 0, n) for n, e in staged.tensor_index.items()}
+
+    return ModelFiles(model, staged.file_path, load, {"store": str(store), "model": model, "version": staged.version})
+
+
+def from_model(files: ModelFiles) -> Bundle:
+    """An FP32 bundle of a model; ModelError naming the unsupported part when the engine cannot run it."""
+    config = read_json_object(files.file_path("config.json"), "config.json")
+    if config is None:
+        raise ModelError(f"model {files.name!r}: no config.json; the edge picks the graph from its model_type")
+    kind = config.get("model_type")
+    what = f"model {files.name!r}"
+    if kind == "mlp":
+        graph = mlp_graph(config)
+        tensors = files.load_tensors()
+        text = tokenizer = None
+    elif kind == "bert":
+        try:
+            bert = BertConfig.from_json(config)
+            settings, _ = read_sentence_files(files.file_path, bert)
+        except ModelError as e:
+            raise ModelError(f"{what}: {e}") from None
+        graph = bert_graph(bert, settings)
+        tensors, _ = select_encoder_tensors(files.load_tensors())
+        tokenizer = _tokenizer_path(files.file_path)
+        text = {"max_seq_length": settings.max_seq_length, "truncate": settings.truncate,
+                "pad_token_id": bert.pad_token_id}  # fmt: skip
+    else:
+        raise ModelError(
+            f"{what}: model_type {kind!r} cannot run on the edge engine, which runs 'bert' encoders "
+            "(sentence embeddings) and 'mlp' models"
+        )
+    fitted = fit_tensors(graph, tensors, what)
+    not_float = [f"{n} ({t.dtype})" for n, t in fitted.items() if not np.issubdtype(t.dtype, np.floating)]
+    if not_float:
+        raise ModelError(
+            f"{what}: the edge engine computes in floating point; these tensors are not: {_first(not_float)}"
+        )
+    f32 = {n: np.ascontiguousarray(t, dtype=np.float32) for n, t in fitted.items()}
+    return Bundle(files.name, graph, "fp32", f32, tokenizer, text, None, files.source)
+
+
+def _tokenizer_path(file_path: Callable[[str], Path]) -> Path:
+    """Where the Transformer module keeps tokenizer.json (the model root unless modules.json says otherwise)."""
+    entries = read_json(file_path("modules.json"), "modules.json")
+    base = transformer_dir(entries if isinstance(entries, list) else None)
+    return file_path(str(PurePosixPath(base, TOKENIZER)))
+
+
+def write_bundle(bundle: Bundle, out: Path) -> Path:
+    """Write the bundle directory atomically: a reader sees the whole bundle or none (rename of a finished dir)."""
+    from safetensors.numpy import save_file
+
+    out = out.absolute()
+    if out.exists():
+        raise ModelError(f"{out} already exists; choose a new output directory (bundles are never overwritten)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file({n: np.ascontiguousarray(t) for n, t in bundle.tensors.items()}, str(tmp / WEIGHTS))
+        digest = _sha256(tmp / WEIGHTS)
+        if bundle.tokenizer is not None:
+            shutil.copyfile(bundle.tokenizer, tmp / TOKENIZER)
+        (tmp / MANIFEST).write_text(json.dumps(bundle.manifest(digest), indent=2) + "\n", encoding="utf-8")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_bundle(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def load_bundle(path: Path) -> Bundle:
+    """Read and check a bundle; ModelError says exactly what does not fit (format, digest, graph vs weights)."""
+    what = f"edge bundle {path}"
+    manifest = read_json_object(path / MANIFEST, MANIFEST)
+    if manifest is None:
+        raise ModelError(f"{what}: no {MANIFEST}; build one with `warmpod edge compile`")
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelError(
+            f"{what}: {MANIFEST} is format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
+            f"this warmpod reads {FORMAT!r} version {FORMAT_VERSION}"
+        )
+    dtype = manifest.get("dtype")
+    if dtype not in DTYPES:
+        raise ModelError(f"{what}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    config = manifest.get("config")
+    if not isinstance(config, dict):
+        raise ModelError(f"{what}: {MANIFEST} has no config object")
+    try:
+        graph = graph_of(str(manifest.get("kind")), config)
+    except ModelError as e:
+        raise ModelError(f"{what}: {e}") from None
+    if manifest.get("tensors") != graph.names:
+        raise ModelError(f"{what}: {MANIFEST} lists tensors that are not the {graph.kind} graph's, in its order")
+    weights = path / WEIGHTS
+    expected = (manifest.get("weights") or {}).get("sha256")
+    if not weights.is_file():
+        raise ModelError(f"{what}: {WEIGHTS} is missing")
+    if _sha256(weights) != expected:
+        raise ModelError(f"{what}: {WEIGHTS} does not match the sha256 in {MANIFEST} (changed or truncated)")
+    stored = read_safetensors(weights)
+    _check_stored(graph, stored, dtype, what)
+    tokenizer = text = None
+    if graph.kind == "bert":
+        text = manifest.get("text")
+        if not isinstance(text, dict) or not (path / TOKENIZER).is_file():
+            raise ModelError(f"{what}: a bert bundle needs {MANIFEST} 'text' settings and {TOKENIZER}")
+        tokenizer = path / TOKENIZER
+        text = {k: v for k, v in text.items() if k != "tokenizer"}
+    name = str(manifest.get("name") or path.name)
+    return Bundle(name, graph, dtype, stored, tokenizer, text, manifest.get("accuracy"),
+                  manifest.get("source") or {}, path)  # fmt: skip
+
+
+def _check_stored(graph: Graph, stored: Mapping[str, np.ndarray], dtype: str, what: str) -> None:
+    scales = {n + ".scale" for n in graph.names if n in stored and stored[n].dtype == np.int8}
+    fit_tensors(graph, {n: t for n, t in stored.items() if n not in scales}, what)
+    allowed = {"fp32": (np.float32,), "fp16": (np.float16,), "int8": (np.int8, np.float32)}[dtype]
+    for name, shape in graph.tensors:
+        t = stored[name]
+        if t.dtype.type not in allowed:
+            raise ModelError(f"{what}: tensor {name} is {t.dtype}, not what a {dtype} bundle stores")
+        if t.dtype == np.int8:
+            scale = stored.get(name + ".scale")
+            if len(shape) != 2 or scale is None or scale.shape != (shape[0],) or scale.dtype != np.float32:
+                raise ModelError(f"{what}: int8 tensor {name} needs {name}.scale, F32 [{shape[0]}]")

@@ -1,0 +1,152 @@
+"""`warmpod edge compile` (a model → an edge bundle) and `warmpod edge serve` (a bundle → the V2 protocol)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from loader.plan import size_arg
+from loader.store import DEFAULT_ROOT
+from server.app import ServerConfig, process_start_time
+from server.cli import add_serving_arguments, serve
+from server.errors import ModelError
+from wasm.bundle import DTYPES, from_model, model_directory, staged_version, write_bundle
+from wasm.host import DEFAULT_CACHE, ENGINE_WASM, EngineError, compile_engine
+
+USAGE = "usage: warmpod edge {compile,serve} ...\n\nRun 'warmpod edge compile --help' or 'warmpod edge serve --help'."
+
+
+def compile_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="warmpod edge compile",
+        description="Turn a model (a directory, or a version staged in a warmpod store) into an edge bundle.",
+    )
+    p.add_argument("source", nargs="?", type=Path, help="model directory (config.json + *.safetensors)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to create (must not exist)")
+    p.add_argument("--store", type=Path, help=f"compile the current version of --model in this store ({DEFAULT_ROOT})")
+    p.add_argument("--model", help="model name in --store")
+    p.add_argument("--name", help="model name served (default: the directory's or --model's name)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight precision stored (default fp32)")
+    p.add_argument(
+        "--max-error",
+        type=float,
+        help="refuse (exit 5, nothing written) when fp16/int8 outputs differ from fp32 by more than this",
+    )
+    _engine_arguments(p)
+    return p
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="warmpod edge serve",
+        description="Serve an edge bundle (or a model directory, compiled at start) on the sandboxed WebAssembly "
+        "engine: Open Inference Protocol v2, OpenAI /v1/embeddings for encoders, the server's metrics.",
+    )
+    p.add_argument("bundle", type=Path, metavar="BUNDLE_OR_MODEL", help="edge bundle or model directory")
+    add_serving_arguments(p, default_port=8081)
+    p.add_argument(
+        "--max-memory", type=size_arg, default=1 << 30, help="guest memory limit per worker instance (default 1GiB)"
+    )
+    _engine_arguments(p)
+    return p
+
+
+def _engine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", type=Path, default=ENGINE_WASM, help="engine module (default: the committed build)")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get("WARMPOD_WASM_CACHE", DEFAULT_CACHE)),
+        help=f"precompiled engine cache (default $WARMPOD_WASM_CACHE or {DEFAULT_CACHE})",
+    )
+    p.add_argument("--no-cache", action="store_true", help="compile the engine every start; write no cache")
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    from wasm.app import measure_accuracy
+
+    if (args.store is None) != (args.model is None) or (args.source is None) == (args.store is None):
+        print("warmpod edge compile: error: give a model directory, or --store and --model", file=sys.stderr)
+        return 2
+    try:
+        files = staged_version(args.store, args.model) if args.store else model_directory(args.source, args.name)
+        fp32 = from_model(files)
+        if args.name:
+            fp32.name = args.name
+        bundle = fp32 if args.dtype == "fp32" else fp32.with_dtype(args.dtype)
+        compiled = compile_engine(args.engine, None if args.no_cache else args.cache_dir)
+        try:
+            bundle.accuracy = measure_accuracy(fp32, bundle, compiled)
+        finally:
+            compiled.close()
+        error = bundle.accuracy["max_abs_error"]
+        if args.max_error is not None and error > args.max_error:
+            print(f"warmpod edge compile: error: {args.dtype} outputs differ from fp32 by {error:.3g}, more than "
+                  f"--max-error {args.max_error:g}; nothing written (try fp16 or fp32)", file=sys.stderr)  # fmt: skip
+            return 5
+        out = write_bundle(bundle, args.output)
+    except (ModelError, EngineError) as e:
+        print(f"warmpod edge compile: error: {e}", file=sys.stderr)
+        return 5
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"warmpod edge compile: wrote {out} ({bundle.graph.kind}, {args.dtype}, {size / 1e6:.1f} MB); "
+          f"max abs error vs fp32 {error:.3g} on {bundle.accuracy['probe']}")  # fmt: skip
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from wasm.app import EdgeConfig, edge_task
+
+    source: Path = args.bundle
+    if not source.is_dir():
+        print(f"warmpod edge serve: error: {source} is not a directory (an edge bundle or a model directory)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    config = ServerConfig(
+        model=_served_name(source),
+        store=source,
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
+        max_batch_delay_ms=args.max_batch_delay_ms,
+        max_queue=args.max_queue,
+        workers=args.workers,
+        max_body_bytes=args.max_body_bytes,
+        request_timeout_s=args.request_timeout,
+        drain_grace_s=args.drain_grace,
+        truncate=args.truncate,
+        process_start=process_start_time(),
+    )
+    edge = EdgeConfig(source, args.engine, None if args.no_cache else args.cache_dir, args.max_memory, args.truncate)
+    return asyncio.run(serve(config, reuse_port=args.reuse_port, model_task=edge_task(edge),
+                             prog="warmpod edge serve", description=f"edge, {source}"))  # fmt: skip
+
+
+def _served_name(source: Path) -> str:
+    """The model name clients use: the bundle's recorded name, else the directory's."""
+    import json
+
+    try:
+        name = json.loads((source / "edge.json").read_text(encoding="utf-8")).get("name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return str(name) if name else source.name
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args[0] == "compile":
+        return run_compile(compile_parser().parse_args(args[1:]))
+    if args[0] == "serve":
+        return run_serve(serve_parser().parse_args(args[1:]))
+    print(f"warmpod edge: unknown command {args[0]!r}\n\n{USAGE}", file=sys.stderr)
+    return 2

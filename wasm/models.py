@@ -1,0 +1,117 @@
+"""Edge models: the server's model interfaces (same inputs, outputs, validation, tokenization) with the forward pass
+in the WebAssembly engine — one guest call per batch (per length group, for text), inputs written straight into
+guest memory and outputs read from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from server.errors import DeadlineExceeded, ModelError, ServerError
+from server.families.common import split_rows, stack_inputs
+from server.families.mlp_spec import MLPInterface
+from server.families.sentence import BertConfig, SentenceSettings, TextEncoder, length_groups
+from server.model import Prepared, ServedModel
+from wasm.bundle import Bundle
+from wasm.host import EngineError, EngineInterrupted, EnginePool
+
+
+def engine_failure(e: EngineError) -> ServerError:
+    """How a failed guest call reaches the client: 504 when it was interrupted at its deadline, else 500."""
+    if isinstance(e, EngineInterrupted):
+        return DeadlineExceeded(str(e))
+    return ServerError(str(e))
+
+
+class EdgeEncoder(TextEncoder):
+    """Texts → embeddings on the engine: tokenized on the host exactly as the torch server does."""
+
+    def __init__(self, bundle: Bundle, pool: EnginePool, version: str, *, truncate: bool | None = None) -> None:
+        from tokenizers import Tokenizer
+
+        assert bundle.tokenizer is not None and bundle.text is not None, "a bert bundle has text settings"
+        config = BertConfig.from_json(bundle.graph.config)
+        text = bundle.text
+        settings = SentenceSettings(
+            bundle.graph.config["pooling"], bundle.graph.config["normalize"], text["max_seq_length"], text["truncate"]
+        )
+        try:
+            tokenizer = Tokenizer.from_file(str(bundle.tokenizer))
+        except Exception as e:  # the tokenizers library raises plain Exception subclasses
+            raise ModelError(f"{bundle.tokenizer} cannot be loaded: {e}") from None
+        super().__init__(bundle.name, version, None, config, settings, tokenizer, truncate=truncate)
+        self.pool: EnginePool | None = pool
+
+    def run(self, batch: Sequence[Prepared]) -> list[dict[str, np.ndarray]]:
+        if self.pool is None:
+            raise ModelError(f"model {self.name!r} is closed")
+        sequences: list[list[int]] = [seq for p in batch for seq in p.data]
+        hidden = self.config.hidden_size
+        embeddings = np.empty((len(sequences), hidden), dtype=np.float32)
+        with self.pool.instance() as engine:
+            for group in length_groups([len(s) for s in sequences]):
+                rows, seq = len(group), max(len(sequences[i]) for i in group)
+                in_ptr, out_ptr = engine.buffers(2 * rows * seq * 4, rows * hidden * 4)
+                inputs = engine.view(in_ptr, np.int32, (2, rows, seq))
+                inputs[0].fill(self.config.pad_token_id)
+                inputs[1].fill(0)
+                for row, i in enumerate(group):
+                    tokens = sequences[i]
+                    inputs[0, row, : len(tokens)] = tokens
+                    inputs[1, row, : len(tokens)] = 1
+                del inputs  # guest memory may move during the call
+                try:
+                    engine.run(rows, seq)
+                except EngineError as e:
+                    raise engine_failure(e) from None
+                embeddings[group] = engine.view(out_ptr, np.float32, (rows, hidden))
+        return split_rows(batch, {"embedding": embeddings})
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        self.pool = None
+        super().close()
+
+
+class EdgeMLP(MLPInterface):
+    """An MLP / classifier on the engine (softmax / sigmoid computed in the guest too)."""
+
+    def __init__(self, bundle: Bundle, pool: EnginePool, version: str) -> None:
+        config = bundle.graph.config
+        sizes = config["sizes"]
+        mlp = {"input_size": sizes[0], "hidden_sizes": sizes[1:-1], "output_size": sizes[-1], **config}
+        super().__init__(bundle.name, version, None, mlp)
+        self.pool: EnginePool | None = pool
+
+    def run(self, batch: Sequence[Prepared]) -> list[dict[str, np.ndarray]]:
+        if self.pool is None:
+            raise ModelError(f"model {self.name!r} is closed")
+        (x,) = stack_inputs(batch, ["input"])
+        rows, out = x.shape[0], self.output_size
+        outputs = 2 if self.output_activation else 1
+        with self.pool.instance() as engine:
+            in_ptr, out_ptr = engine.buffers(x.size * 4, outputs * rows * out * 4)
+            engine.view(in_ptr, np.float32, x.shape)[...] = x
+            try:
+                engine.run(rows, 0)
+            except EngineError as e:
+                raise engine_failure(e) from None
+            result = engine.view(out_ptr, np.float32, (outputs, rows, out)).copy()
+        return self.finish(batch, result[0], result[1] if self.output_activation else None)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        self.pool = None
+        super().close()
+
+
+def edge_model(bundle: Bundle, pool: EnginePool, *, truncate: bool | None = None) -> ServedModel:
+    """The served model of a bundle on its engine pool."""
+    version = str(bundle.source.get("version") or "1")
+    if bundle.graph.kind == "bert":
+        return EdgeEncoder(bundle, pool, version, truncate=truncate)
+    return EdgeMLP(bundle, pool, version)
