@@ -126,4 +126,9 @@ def measure_accuracy(fp32: Bundle, stored: Bundle, compiled: CompiledEngine) -> 
     ref, got = outputs_on(fp32, compiled), outputs_on(stored, compiled)
     error = max(float(np.max(np.abs(ref[k] - got[k]))) for k in ref)
     probe = f"{len(PROBE_TEXTS)} texts" if fp32.graph.kind == "bert" else f"{PROBE_ROWS} standard-normal rows"
-    return {"max_abs_error": error, "against": "fp32", "probe": probe, "outputs": sorted(ref)}
+    report: dict[str, Any] = {"max_abs_error": error, "against": "fp32", "probe": probe, "outputs": sorted(ref)}
+    if "embedding" in ref:  # what retrieval cares about: the direction of each vector
+        a, b = ref["embedding"], got["embedding"]
+        cosine = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        report["min_cosine"] = float(cosine.min())
+    return report

@@ -94,8 +94,10 @@ def run_compile(args: argparse.Namespace) -> int:
         print(f"warmpod edge compile: error: {e}", file=sys.stderr)
         return 5
     size = sum(f.stat().st_size for f in out.iterdir())
+    cosine = bundle.accuracy.get("min_cosine")
     print(f"warmpod edge compile: wrote {out} ({bundle.graph.kind}, {args.dtype}, {size / 1e6:.1f} MB); "
-          f"max abs error vs fp32 {error:.3g} on {bundle.accuracy['probe']}")  # fmt: skip
+          f"max abs error vs fp32 {error:.3g}" + (f", min cosine {cosine:.6f}" if cosine is not None else "")
+          + f" on {bundle.accuracy['probe']}")  # fmt: skip
     return 0
 
 

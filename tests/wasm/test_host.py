@@ -100,7 +100,7 @@ def test_module_with_imports_is_refused(tmp_path: Path) -> None:
 def test_module_without_the_abi_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "empty.wasm"
     path.write_bytes(wasmtime.wat2wasm('(module (memory (export "memory") 1))'))
-    with pytest.raises(EngineError, match="lacks _initialize, wp_abi_version, .* of the engine ABI"):
+    with pytest.raises(EngineError, match=r"lacks _initialize, wp_abi_version, .* of the engine ABI"):
         compile_engine(path, None)
 
 
@@ -131,7 +131,7 @@ def test_guest_that_grows_memory_is_capped(tmp_path: Path, mlp_bundle) -> None: 
     compiled = compile_engine(write_engine(tmp_path / "hostile.wasm"), None)
     pool = EnginePool(compiled, mlp_bundle, size=1, max_memory=32 << 20, deadline_s=5)
     model = EdgeMLP(mlp_bundle, pool, "1")
-    with pytest.raises(ServerError, match="hostile test engine: out of memory .*the memory limit is 32 MiB"):
+    with pytest.raises(ServerError, match=r"hostile test engine: out of memory .*the memory limit is 32 MiB"):
         model.run([model.prepare(_request(HOG))])
     with pool.instance() as instance:
         assert instance.memory.data_len(instance.store) <= 32 << 20
