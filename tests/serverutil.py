@@ -52,6 +52,8 @@ class WarmpodServer:
         self.command = ["serve", "--model", model, "--store", str(store)]
         self.log_path = log_dir / f"serve-{model}-{time.monotonic_ns()}.log"
         self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
 
     @classmethod
     def edge(cls, bundle: Path, *args: str, log_dir: Path, env: dict[str, str] | None = None) -> WarmpodServer:
@@ -59,8 +61,6 @@ class WarmpodServer:
         server = cls(bundle, bundle.name, *args, log_dir=log_dir, env=env)
         server.command = ["edge", "serve", str(bundle)]
         return server
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
 
     @property
     def url(self) -> str:
