@@ -1,6 +1,6 @@
 """Edge models: the server's model interfaces (same inputs, outputs, validation, tokenization) with the forward pass
-in the WebAssembly engine — one guest call per batch (per length group, for text), inputs written straight into
-guest memory and outputs read from it.
+in the WebAssembly engine — one guest call per batch, inputs written straight into guest memory and outputs read
+from it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 from server.errors import DeadlineExceeded, ModelError, ServerError
 from server.families.common import split_rows, stack_inputs
 from server.families.mlp_spec import MLPInterface
-from server.families.sentence import BertConfig, SentenceSettings, TextEncoder, length_groups
+from server.families.sentence import BertConfig, SentenceSettings, TextEncoder
 from server.model import Prepared, ServedModel
 from wasm.bundle import Bundle
 from wasm.host import EngineError, EngineInterrupted, EnginePool
@@ -49,24 +49,23 @@ class EdgeEncoder(TextEncoder):
             raise ModelError(f"model {self.name!r} is closed")
         sequences: list[list[int]] = [seq for p in batch for seq in p.data]
         hidden = self.config.hidden_size
-        embeddings = np.empty((len(sequences), hidden), dtype=np.float32)
+        rows, seq = len(sequences), max(map(len, sequences))
         with self.pool.instance() as engine:
-            for group in length_groups([len(s) for s in sequences]):
-                rows, seq = len(group), max(len(sequences[i]) for i in group)
-                in_ptr, out_ptr = engine.buffers(2 * rows * seq * 4, rows * hidden * 4)
-                inputs = engine.view(in_ptr, np.int32, (2, rows, seq))
-                inputs[0].fill(self.config.pad_token_id)
-                inputs[1].fill(0)
-                for row, i in enumerate(group):
-                    tokens = sequences[i]
-                    inputs[0, row, : len(tokens)] = tokens
-                    inputs[1, row, : len(tokens)] = 1
-                del inputs  # guest memory may move during the call
-                try:
-                    engine.run(rows, seq)
-                except EngineError as e:
-                    raise engine_failure(e) from None
-                embeddings[group] = engine.view(out_ptr, np.float32, (rows, hidden))
+            # One guest call for the whole batch: the engine computes real tokens only, so padding costs nothing
+            # there and the server's grouping by length is not needed.
+            in_ptr, out_ptr = engine.buffers(2 * rows * seq * 4, rows * hidden * 4)
+            inputs = engine.view(in_ptr, np.int32, (2, rows, seq))
+            inputs[0].fill(self.config.pad_token_id)
+            inputs[1].fill(0)
+            for row, tokens in enumerate(sequences):
+                inputs[0, row, : len(tokens)] = tokens
+                inputs[1, row, : len(tokens)] = 1
+            del inputs  # guest memory may move during the call
+            try:
+                engine.run(rows, seq)
+            except EngineError as e:
+                raise engine_failure(e) from None
+            embeddings = engine.view(out_ptr, np.float32, (rows, hidden)).copy()
         return split_rows(batch, {"embedding": embeddings})
 
     def close(self) -> None:
