@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from loader.plan import size_arg
 from loader.store import DEFAULT_ROOT
@@ -87,22 +88,24 @@ def add_serving_arguments(p: argparse.ArgumentParser, *, default_port: int) -> N
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return serving_config(args, model=args.model, store=args.store, threads=args.threads, factory=args.factory)
+
+
+def serving_config(args: argparse.Namespace, **fields: Any) -> ServerConfig:
+    """A ServerConfig from the shared serving flags (add_serving_arguments), plus the caller's own fields."""
     return ServerConfig(
-        model=args.model,
-        store=args.store,
         host=args.host,
         port=args.port,
         max_batch_size=args.max_batch_size,
         max_batch_delay_ms=args.max_batch_delay_ms,
         max_queue=args.max_queue,
-        threads=args.threads,
         workers=args.workers,
         max_body_bytes=args.max_body_bytes,
         request_timeout_s=args.request_timeout,
         drain_grace_s=args.drain_grace,
-        factory=args.factory,
         truncate=args.truncate,
         process_start=process_start_time(),
+        **fields,
     )
 
 

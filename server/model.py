@@ -160,21 +160,21 @@ def assign_weights(module: nn.Module, tensors: Mapping[str, torch.Tensor], *, wh
         for k, v in expected.items()
         if k in tensors and (tuple(tensors[k].shape) != tuple(v.shape) or tensors[k].dtype != v.dtype)
     ]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_list(missing)}")
-    if extra:
-        problems.append(f"unexpected tensors: {_list(extra)}")
-    if wrong:
-        problems.append(f"mis-shaped tensors: {_list(wrong)}")
+    problems = weight_problems(missing, extra, wrong)
     if problems:
-        raise ModelError(f"{what}: the staged weights do not fit the model — " + "; ".join(problems))
+        raise ModelError(f"{what}: the staged weights do not fit the model — {problems}")
     module.load_state_dict(dict(tensors), strict=True, assign=True)
     module.requires_grad_(False)
     module.eval()
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:
         raise ModelError(f"{what}: these are not in the staged weights and were never materialised: {_list(left)}")
+
+
+def weight_problems(missing: Sequence[str], extra: Sequence[str], wrong: Sequence[str]) -> str:
+    """'missing tensors: …; unexpected tensors: …; mis-shaped tensors: …' for the non-empty lists ('' if none)."""
+    named = (("missing", missing), ("unexpected", extra), ("mis-shaped", wrong))
+    return "; ".join(f"{what} tensors: {_list(items)}" for what, items in named if items)
 
 
 def _list(items: Sequence[str], limit: int = 8) -> str:

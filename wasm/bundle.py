@@ -34,6 +34,7 @@ from server.families.sentence import (
     select_encoder_tensors,
     transformer_dir,
 )
+from server.model import weight_problems
 
 FORMAT = "warmpod-edge"
 FORMAT_VERSION = 1
@@ -182,20 +183,10 @@ def fit_tensors(graph: Graph, tensors: Mapping[str, np.ndarray], what: str) -> d
     extra = sorted(set(tensors) - set(wanted))
     wrong = [f"{n} is {list(tensors[n].shape)}, the graph wants {list(s)}"
              for n, s in wanted.items() if n in tensors and tuple(tensors[n].shape) != s]  # fmt: skip
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_first(missing)}")
-    if extra:
-        problems.append(f"unexpected tensors: {_first(extra)}")
-    if wrong:
-        problems.append(f"mis-shaped tensors: {_first(wrong)}")
+    problems = weight_problems(missing, extra, wrong)
     if problems:
-        raise ModelError(f"{what}: the weights do not match the {graph.kind} graph — " + "; ".join(problems))
+        raise ModelError(f"{what}: the weights do not match the {graph.kind} graph — {problems}")
     return {n: tensors[n] for n in wanted}
-
-
-def _first(items: Sequence[str], limit: int = 6) -> str:
-    return ", ".join(items[:limit]) + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
 
 
 def quantize(tensors: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
@@ -385,7 +376,7 @@ def from_model(files: ModelFiles) -> Bundle:
     not_float = [f"{n} ({t.dtype})" for n, t in fitted.items() if not np.issubdtype(t.dtype, np.floating)]
     if not_float:
         raise ModelError(
-            f"{what}: the edge engine computes in floating point; these tensors are not: {_first(not_float)}"
+            f"{what}: the edge engine computes in floating point; these tensors are not: {', '.join(not_float)}"
         )
     f32 = {n: np.ascontiguousarray(t, dtype=np.float32) for n, t in fitted.items()}
     return Bundle(files.name, graph, "fp32", f32, tokenizer, text, None, files.source)

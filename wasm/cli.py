@@ -12,8 +12,7 @@ from pathlib import Path
 
 from loader.plan import size_arg
 from loader.store import DEFAULT_ROOT
-from server.app import ServerConfig, process_start_time
-from server.cli import add_serving_arguments, serve
+from server.cli import add_serving_arguments, serve, serving_config
 from server.errors import ModelError
 from wasm.bundle import DTYPES, from_model, model_directory, staged_version, write_bundle
 from wasm.host import DEFAULT_CACHE, ENGINE_WASM, EngineError, compile_engine
@@ -109,21 +108,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"warmpod edge serve: error: {source} is not a directory (an edge bundle or a model directory)",
               file=sys.stderr)  # fmt: skip
         return 2
-    config = ServerConfig(
-        model=_served_name(source),
-        store=source,
-        host=args.host,
-        port=args.port,
-        max_batch_size=args.max_batch_size,
-        max_batch_delay_ms=args.max_batch_delay_ms,
-        max_queue=args.max_queue,
-        workers=args.workers,
-        max_body_bytes=args.max_body_bytes,
-        request_timeout_s=args.request_timeout,
-        drain_grace_s=args.drain_grace,
-        truncate=args.truncate,
-        process_start=process_start_time(),
-    )
+    config = serving_config(args, model=_served_name(source), store=source)
     edge = EdgeConfig(source, args.engine, None if args.no_cache else args.cache_dir, args.max_memory, args.truncate)
     return asyncio.run(serve(config, reuse_port=args.reuse_port, model_task=edge_task(edge),
                              prog="warmpod edge serve", description=f"edge, {source}"))  # fmt: skip

@@ -1,15 +1,5 @@
-"""The MLP / classifier family on torch: the staged weights assigned to `MLP` (config and I/O: `mlp_spec.py`).
-
-A small JSON config next to the safetensors describes the layers.
-
-`config.json`::
-
-    {"model_type": "mlp", "input_size": 4, "hidden_sizes": [16, 16], "output_size": 3,
-     "activation": "relu", "output_activation": "softmax", "labels": ["setosa", "versicolor", "virginica"]}
-
-Tensors: `layers.{i}.weight` (out, in) and `layers.{i}.bias` for every linear layer, input to output, in the dtype the
-model computes in (F32, F16, BF16, F64). Input `input` FP32 [batch, input_size]; outputs `logits` FP32, plus
-`probabilities` when `output_activation` is softmax/sigmoid, plus `label` BYTES when `labels` are given.
+"""The MLP / classifier family on torch: the staged weights assigned to `MLP`. The config (`config.json` with
+`model_type: "mlp"`), the tensors it names, the inputs and the outputs are described in `mlp_spec.py`.
 """
 
 from __future__ import annotations
