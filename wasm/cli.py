@@ -93,10 +93,12 @@ def run_compile(args: argparse.Namespace) -> int:
         print(f"warmpod edge compile: error: {e}", file=sys.stderr)
         return 5
     size = sum(f.stat().st_size for f in out.iterdir())
-    cosine = bundle.accuracy.get("min_cosine")
-    print(f"warmpod edge compile: wrote {out} ({bundle.graph.kind}, {args.dtype}, {size / 1e6:.1f} MB); "
-          f"max abs error vs fp32 {error:.3g}" + (f", min cosine {cosine:.6f}" if cosine is not None else "")
-          + f" on {bundle.accuracy['probe']}")  # fmt: skip
+    report = f"wrote {out} ({bundle.graph.kind}, {args.dtype}, {size / 1e6:.1f} MB)"
+    if args.dtype != "fp32":
+        cosine = bundle.accuracy.get("min_cosine")
+        report += f"; max abs error vs fp32 {error:.3g}" + (f", min cosine {cosine:.6f}" if cosine is not None else "")
+        report += f" on {bundle.accuracy['probe']}"
+    print(f"warmpod edge compile: {report}")
     return 0
 
 
