@@ -556,7 +556,7 @@ static void pool_sequence(const float *x, int L, float *out) {
     for (int t = 1; t < L; t++) {
         const float *row = x + (size_t)t * h;
         if (model.pooling == POOL_MAX)
-            for (int i = 0; i < h; i++) out[i] = fmaxf(out[i], row[i]);
+            for (int i = 0; i < h; i++) out[i] = max_num(out[i], row[i]);
         else add_into(out, row, (size_t)h);
     }
     if (model.pooling == POOL_MEAN)

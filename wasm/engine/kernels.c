@@ -12,16 +12,55 @@
 #define STORE(p, v) wasm_v128_store(p, v)
 /* acc += x * y (two roundings: there is no fused multiply-add to ask for). */
 #define MAC(acc, x, y) (acc) = ADD((acc), MUL((x), (y)))
+#define LANE(v, i) wasm_i32x4_shuffle((v), (v), i, i, i, i)
+
+/* The deadline checks, and why the hot loops are unrolled.
+ *
+ * The host runs the engine under wasmtime's epoch interruption (the request deadline), which puts a check of the
+ * epoch counter at every loop header and function entry. The check's slow path is a call into the runtime, across
+ * which every vector register is caller-saved, so Cranelift keeps the vectors live around a loop's back-edge (a
+ * GEMM's accumulators, a row sum) in stack slots and stores and reloads them at every iteration: with one k step per
+ * iteration, a store-to-load round trip on every accumulator's dependency chain at every step, which more than
+ * doubled the GEMM's time. So the loops that carry vectors run many steps per iteration: one check, and one store
+ * and reload of what they carry, per KU steps (the GEMM's k loops) or CHUNK vectors (the row loops: softmax,
+ * LayerNorm, and the light element-wise loops, where a check per vector would be a large share of the work; the
+ * exp/erf-heavy element-wise loops carry nothing and are left one or two vectors per iteration).
+ *
+ * The GEMM's unrolled steps each end with their own exit test (`if (--k == 0) goto done`), which also handles
+ * k % KU. It is there for a second reason: Cranelift computes pure arithmetic where a load, store or branch first
+ * needs it, so without a branch after each step all KU steps' loads would run first and their multiply-adds after
+ * them, with every loaded vector live at once (spilled); the exit branch needs the accumulators, so each step's
+ * arithmetic stays in its step. The row loops' chunks are short enough for their loads to stay in registers.
+ *
+ * Also: vectors live across a loop or call other than the k loop (a tile's other rows while one is stored through
+ * a loop) would be spilled for the whole function, the k loop included; the tile epilogues avoid that. */
+#define KU 32
+#define CHUNK 8
+
+/* for (; i + 4 <= n; i += 4) STEP(i); with CHUNK vectors per loop iteration. STEP is the name of a one-argument
+ * macro; i is the caller's index variable, left at the first element not done. */
+#define ROW_LOOP(i, n, STEP)                                                                                        \
+    do {                                                                                                            \
+        for (; (i) + 4 * CHUNK <= (n); (i) += 4 * CHUNK) {                                                          \
+            _Pragma("clang loop unroll(full)") for (int u_ = 0; u_ < 4 * CHUNK; u_ += 4) STEP((i) + u_);            \
+        }                                                                                                           \
+        for (; (i) + 4 <= (n); (i) += 4) STEP(i);                                                                   \
+    } while (0)
 
 /* ------------------------------------------------------------------------------------------------ packing */
 
 void pack_transposed(const float *s, int n, int k, int ld, float *dst) {
     for (int p = 0; p < n; p += NR) {
         int w = n - p < NR ? n - p : NR;
+        const float *col = s + (size_t)p * ld;
         for (int kk = 0; kk < k; kk++) {
             float *d = dst + (size_t)kk * NR;
-            for (int j = 0; j < w; j++) d[j] = s[(size_t)(p + j) * ld + kk];
-            for (int j = w; j < NR; j++) d[j] = 0.0f;
+            if (w == NR) { /* a constant trip count: unrolled, no loop (and no deadline check) per element */
+                for (int j = 0; j < NR; j++) d[j] = col[(size_t)j * ld + kk];
+            } else {
+                for (int j = 0; j < w; j++) d[j] = col[(size_t)j * ld + kk];
+                for (int j = w; j < NR; j++) d[j] = 0.0f;
+            }
         }
         dst += (size_t)k * NR;
     }
@@ -47,143 +86,190 @@ void pack_plain(const float *s, int k, int n, int ld, float *dst) {
 
 /* ------------------------------------------------------------------------------------------------ GEMM */
 
-/* Blocking: a strip of 4 rows of A is packed k-major ([k][4]: one vector load gives the 4 rows' values at k) for
- * KC values of k at a time; MC rows of it (MC x KC floats, 128 KiB) stay in L2 while each panel's KC x 8 slice
- * (16 KiB) stays in L1 for all the strips. */
+/* Blocking: a strip of 4 rows of A is packed k-major with every value splatted to a whole vector ([k][4][4]: the
+ * kernel multiplies B's vectors by one load each, no lane shuffles, which would compete with the multiplies and adds
+ * for the same SIMD ports) for KC values of k at a time; MC rows of it (MC x KC x 4 floats, 128 KiB) stay in L2 and
+ * stream past each panel's KC x 8 slice (16 KiB), which stays in L1 for the MC / 4 strips. */
 #define MR 4
 #define KC 512
-#define MC 64
-static float a_packed[MC * KC];
+#define MC 16
+static float a_packed[MC * KC * 4];
 
-/* One row of a C tile: acc (8 columns, w of them real) + bias, + residual, stored. */
-static inline void finish_row(float *c, v128_t lo, v128_t hi, const float *bias, const float *r, int w) {
-    if (w == NR) {
-        if (bias) {
-            lo = ADD(lo, LOAD(bias));
-            hi = ADD(hi, LOAD(bias + 4));
-        }
-        if (r) {
-            lo = ADD(lo, LOAD(r));
-            hi = ADD(hi, LOAD(r + 4));
-        }
-        STORE(c, lo);
-        STORE(c + 4, hi);
-        return;
+/* One full-width row of a C tile: acc + bias, + residual, stored. */
+static inline void finish_row(float *c, v128_t lo, v128_t hi, const float *bias, const float *r) {
+    if (bias) {
+        lo = ADD(lo, LOAD(bias));
+        hi = ADD(hi, LOAD(bias + 4));
     }
-    float t[NR];
-    STORE(t, lo);
-    STORE(t + 4, hi);
-    for (int j = 0; j < w; j++) {
-        float v = t[j];
-        if (bias) v += bias[j];
-        if (r) v += r[j];
-        c[j] = v;
+    if (r) {
+        lo = ADD(lo, LOAD(r));
+        hi = ADD(hi, LOAD(r + 4));
     }
+    STORE(c, lo);
+    STORE(c + 4, hi);
 }
 
-/* The partial sums of a C row from an earlier slice of k (w columns real). */
-static inline void load_row(const float *c, v128_t *lo, v128_t *hi, int w) {
-    if (w == NR) {
-        *lo = LOAD(c);
-        *hi = LOAD(c + 4);
-        return;
-    }
-    float t[NR] = {0};
-    for (int j = 0; j < w; j++) t[j] = c[j];
-    *lo = LOAD(t);
-    *hi = LOAD(t + 4);
+/* A C tile of `rows` rows and w < NR real columns goes through t [rows][NR] (whole vectors) and these loops, after
+ * every accumulator is stored to t or before any is loaded from it: no vector is live across their loop headers
+ * (see "The deadline checks"). */
+static void partial_tile_in(const float *c, int ldc, int rows, int w, float *t) {
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < NR; j++) t[i * NR + j] = j < w ? c[(size_t)i * ldc + j] : 0.0f;
 }
 
-#define LANE(v, i) wasm_i32x4_shuffle((v), (v), i, i, i, i)
+static void partial_tile_out(float *c, int ldc, int rows, int w, const float *t, const float *bias, const float *r,
+                             int ldr) {
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < w; j++) {
+            float v = t[i * NR + j];
+            if (bias) v += bias[j];
+            if (r) v += r[(size_t)i * ldr + j];
+            c[(size_t)i * ldc + j] = v;
+        }
+}
 
-/* C[4, w] (+)= packed strip ap [kc][4] · panel slice b [kc][8]; bias and residual on the last slice of k. */
+/* C[4, w] (+)= packed strip ap [kc][4][4] · panel slice b [kc][8]; bias and residual on the last slice of k. */
 __attribute__((noinline)) static void kernel_4x8(int kc, const float *ap, const float *b, int accumulate,
                                                  const float *bias, const float *r, int ldr, float *c, int ldc,
                                                  int w) {
     v128_t c00, c01, c10, c11, c20, c21, c30, c31;
-    if (accumulate) {
-        load_row(c, &c00, &c01, w);
-        load_row(c + ldc, &c10, &c11, w);
-        load_row(c + 2 * ldc, &c20, &c21, w);
-        load_row(c + 3 * ldc, &c30, &c31, w);
+    float t[MR * NR];
+    if (accumulate) { /* the partial sums from an earlier slice of k */
+        const float *src = c;
+        int lds = ldc;
+        if (w < NR) {
+            partial_tile_in(c, ldc, MR, w, t);
+            src = t;
+            lds = NR;
+        }
+        c00 = LOAD(src);
+        c01 = LOAD(src + 4);
+        c10 = LOAD(src + lds);
+        c11 = LOAD(src + lds + 4);
+        c20 = LOAD(src + 2 * lds);
+        c21 = LOAD(src + 2 * lds + 4);
+        c30 = LOAD(src + 3 * lds);
+        c31 = LOAD(src + 3 * lds + 4);
     } else {
         c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = V(0.0f);
     }
-    for (int kk = 0; kk < kc; kk++, ap += MR, b += NR) {
-        v128_t b0 = LOAD(b), b1 = LOAD(b + 4), a = LOAD(ap), x;
-        x = LANE(a, 0);
-        MAC(c00, x, b0);
-        MAC(c01, x, b1);
-        x = LANE(a, 1);
-        MAC(c10, x, b0);
-        MAC(c11, x, b1);
-        x = LANE(a, 2);
-        MAC(c20, x, b0);
-        MAC(c21, x, b1);
-        x = LANE(a, 3);
-        MAC(c30, x, b0);
-        MAC(c31, x, b1);
+    if (kc > 0)
+        for (;;) { /* KU steps per iteration, an exit after each: see "The deadline checks" */
+#pragma clang loop unroll(full)
+            for (int u = 0; u < KU; u++, ap += 4 * MR, b += NR) {
+                v128_t b0 = LOAD(b), b1 = LOAD(b + 4), x;
+                x = LOAD(ap);
+                MAC(c00, x, b0);
+                MAC(c01, x, b1);
+                x = LOAD(ap + 4);
+                MAC(c10, x, b0);
+                MAC(c11, x, b1);
+                x = LOAD(ap + 8);
+                MAC(c20, x, b0);
+                MAC(c21, x, b1);
+                x = LOAD(ap + 12);
+                MAC(c30, x, b0);
+                MAC(c31, x, b1);
+                if (--kc == 0) goto done;
+            }
+        }
+done:
+    if (w == NR) {
+        finish_row(c, c00, c01, bias, r);
+        finish_row(c + ldc, c10, c11, bias, r ? r + ldr : 0);
+        finish_row(c + 2 * ldc, c20, c21, bias, r ? r + 2 * ldr : 0);
+        finish_row(c + 3 * ldc, c30, c31, bias, r ? r + 3 * ldr : 0);
+    } else {
+        STORE(t, c00);
+        STORE(t + 4, c01);
+        STORE(t + NR, c10);
+        STORE(t + NR + 4, c11);
+        STORE(t + 2 * NR, c20);
+        STORE(t + 2 * NR + 4, c21);
+        STORE(t + 3 * NR, c30);
+        STORE(t + 3 * NR + 4, c31);
+        partial_tile_out(c, ldc, MR, w, t, bias, r, ldr);
     }
-    finish_row(c, c00, c01, bias, r, w);
-    finish_row(c + ldc, c10, c11, bias, r ? r + ldr : 0, w);
-    finish_row(c + 2 * ldc, c20, c21, bias, r ? r + 2 * ldr : 0, w);
-    finish_row(c + 3 * ldc, c30, c31, bias, r ? r + 3 * ldr : 0, w);
 }
 
-/* C[1, 32] of row a against four consecutive full panels b (each k * NR floats). */
-__attribute__((noinline)) static void kernel_1x32(int k, const float *a, const float *b, const float *bias,
+/* C[1, 24] of row a against three consecutive full panels b (each k * NR floats). Three, not four: a step's
+ * loads all come before its arithmetic (see "The deadline checks"), and four panels' 8 loads + 8 accumulators + the
+ * splat of a would need more than the 16 vector registers. */
+__attribute__((noinline)) static void kernel_1x24(int k, const float *a, const float *b, const float *bias,
                                                   const float *r, float *c) {
-    const float *p0 = b, *p1 = b + (size_t)k * NR, *p2 = b + (size_t)2 * k * NR, *p3 = b + (size_t)3 * k * NR;
-    v128_t c0 = V(0), c1 = V(0), c2 = V(0), c3 = V(0), c4 = V(0), c5 = V(0), c6 = V(0), c7 = V(0);
-    for (int kk = 0; kk < k; kk++, p0 += NR, p1 += NR, p2 += NR, p3 += NR) {
-        v128_t x = V(a[kk]);
-        MAC(c0, x, LOAD(p0));
-        MAC(c1, x, LOAD(p0 + 4));
-        MAC(c2, x, LOAD(p1));
-        MAC(c3, x, LOAD(p1 + 4));
-        MAC(c4, x, LOAD(p2));
-        MAC(c5, x, LOAD(p2 + 4));
-        MAC(c6, x, LOAD(p3));
-        MAC(c7, x, LOAD(p3 + 4));
-    }
-    finish_row(c, c0, c1, bias, r, NR);
-    finish_row(c + 8, c2, c3, bias ? bias + 8 : 0, r ? r + 8 : 0, NR);
-    finish_row(c + 16, c4, c5, bias ? bias + 16 : 0, r ? r + 16 : 0, NR);
-    finish_row(c + 24, c6, c7, bias ? bias + 24 : 0, r ? r + 24 : 0, NR);
+    const float *p0 = b, *p1 = b + (size_t)k * NR, *p2 = b + (size_t)2 * k * NR;
+    v128_t c0 = V(0), c1 = V(0), c2 = V(0), c3 = V(0), c4 = V(0), c5 = V(0);
+    if (k > 0)
+        for (;;) { /* KU steps per iteration, an exit after each: see "The deadline checks" */
+#pragma clang loop unroll(full)
+            for (int u = 0; u < KU; u++, a++, p0 += NR, p1 += NR, p2 += NR) {
+                v128_t x = V(*a);
+                MAC(c0, x, LOAD(p0));
+                MAC(c1, x, LOAD(p0 + 4));
+                MAC(c2, x, LOAD(p1));
+                MAC(c3, x, LOAD(p1 + 4));
+                MAC(c4, x, LOAD(p2));
+                MAC(c5, x, LOAD(p2 + 4));
+                if (--k == 0) goto done;
+            }
+        }
+done:
+    finish_row(c, c0, c1, bias, r);
+    finish_row(c + 8, c2, c3, bias ? bias + 8 : 0, r ? r + 8 : 0);
+    finish_row(c + 16, c4, c5, bias ? bias + 16 : 0, r ? r + 16 : 0);
 }
 
 /* C[1, w] of row a against one packed panel b. */
 __attribute__((noinline)) static void kernel_1x8(int k, const float *a, const float *b, const float *bias,
                                                  const float *r, float *c, int w) {
     v128_t c0 = V(0), c1 = V(0);
-    for (int kk = 0; kk < k; kk++, b += NR) {
-        v128_t x = V(a[kk]);
-        MAC(c0, x, LOAD(b));
-        MAC(c1, x, LOAD(b + 4));
+    if (k > 0)
+        for (;;) { /* KU steps per iteration, an exit after each: see "The deadline checks" */
+#pragma clang loop unroll(full)
+            for (int u = 0; u < KU; u++, a++, b += NR) {
+                v128_t x = V(*a);
+                MAC(c0, x, LOAD(b));
+                MAC(c1, x, LOAD(b + 4));
+                if (--k == 0) goto done;
+            }
+        }
+done:
+    if (w == NR) {
+        finish_row(c, c0, c1, bias, r);
+    } else {
+        float t[NR];
+        STORE(t, c0);
+        STORE(t + 4, c1);
+        partial_tile_out(c, 0, 1, w, t, bias, r, 0);
     }
-    finish_row(c, c0, c1, bias, r, w);
 }
 
-/* Rows [i0, i0 + rows) of A, columns [k0, k0 + kc), into a_packed as strips of [kc][4]. */
+/* Rows [i0, i0 + rows) of A, columns [k0, k0 + kc), into a_packed as strips of [kc][4][4] (each value splatted). */
 static void pack_a(const float *a, int lda, int i0, int rows, int k0, int kc) {
     float *d = a_packed;
-    for (int i = i0; i < i0 + rows; i += MR, d += (size_t)kc * MR) {
+    for (int i = i0; i < i0 + rows; i += MR, d += (size_t)kc * MR * 4) {
         const float *r0 = a + (size_t)i * lda + k0, *r1 = r0 + lda, *r2 = r1 + lda, *r3 = r2 + lda;
         int kk = 0;
-        for (; kk + 4 <= kc; kk += 4) { /* 4x4 transpose */
+        for (; kk + 4 <= kc; kk += 4) { /* 4 values of k of the 4 rows, each splatted */
             v128_t x0 = LOAD(r0 + kk), x1 = LOAD(r1 + kk), x2 = LOAD(r2 + kk), x3 = LOAD(r3 + kk);
-            v128_t t0 = wasm_i32x4_shuffle(x0, x1, 0, 4, 1, 5), t1 = wasm_i32x4_shuffle(x2, x3, 0, 4, 1, 5);
-            v128_t t2 = wasm_i32x4_shuffle(x0, x1, 2, 6, 3, 7), t3 = wasm_i32x4_shuffle(x2, x3, 2, 6, 3, 7);
-            STORE(d + kk * MR, wasm_i64x2_shuffle(t0, t1, 0, 2));
-            STORE(d + kk * MR + 4, wasm_i64x2_shuffle(t0, t1, 1, 3));
-            STORE(d + kk * MR + 8, wasm_i64x2_shuffle(t2, t3, 0, 2));
-            STORE(d + kk * MR + 12, wasm_i64x2_shuffle(t2, t3, 1, 3));
+            float *o = d + (size_t)kk * MR * 4;
+#define SPLATS(j)                                                                                                   \
+    STORE(o + 16 * (j), LANE(x0, j));                                                                               \
+    STORE(o + 16 * (j) + 4, LANE(x1, j));                                                                           \
+    STORE(o + 16 * (j) + 8, LANE(x2, j));                                                                           \
+    STORE(o + 16 * (j) + 12, LANE(x3, j))
+            SPLATS(0);
+            SPLATS(1);
+            SPLATS(2);
+            SPLATS(3);
+#undef SPLATS
         }
         for (; kk < kc; kk++) {
-            d[kk * MR] = r0[kk];
-            d[kk * MR + 1] = r1[kk];
-            d[kk * MR + 2] = r2[kk];
-            d[kk * MR + 3] = r3[kk];
+            float *o = d + (size_t)kk * MR * 4;
+            STORE(o, V(r0[kk]));
+            STORE(o + 4, V(r1[kk]));
+            STORE(o + 8, V(r2[kk]));
+            STORE(o + 12, V(r3[kk]));
         }
     }
 }
@@ -202,7 +288,7 @@ void gemm(int m, int n, int k, const float *a, int lda, const float *bp, const f
                 int j = p * NR, w = n - j < NR ? n - j : NR;
                 const float *b = bp + (size_t)p * panel_floats + (size_t)k0 * NR;
                 for (int i = 0; i < rows; i += MR)
-                    kernel_4x8(kc, a_packed + (size_t)i * kc, b, k0 > 0, last && bias ? bias + j : 0,
+                    kernel_4x8(kc, a_packed + (size_t)i * kc * 4, b, k0 > 0, last && bias ? bias + j : 0,
                                last && r ? r + (size_t)(i0 + i) * ldr + j : 0, ldr, c + (size_t)(i0 + i) * ldc + j,
                                ldc, w);
             }
@@ -213,8 +299,8 @@ void gemm(int m, int n, int k, const float *a, int lda, const float *bp, const f
         const float *ri = r ? r + (size_t)i * ldr : 0;
         float *ci = c + (size_t)i * ldc;
         int p = 0;
-        for (; (p + 4) * NR <= n; p += 4)
-            kernel_1x32(k, ai, bp + (size_t)p * panel_floats, bias ? bias + p * NR : 0, ri ? ri + p * NR : 0,
+        for (; (p + 3) * NR <= n; p += 3)
+            kernel_1x24(k, ai, bp + (size_t)p * panel_floats, bias ? bias + p * NR : 0, ri ? ri + p * NR : 0,
                         ci + p * NR);
         for (; p < panels; p++) {
             int j = p * NR, w = n - j < NR ? n - j : NR;
@@ -263,7 +349,9 @@ static inline float sexp(float x) {
 
 void relu(float *x, size_t n) {
     size_t i = 0;
-    for (; i + 4 <= n; i += 4) STORE(x + i, wasm_f32x4_pmax(LOAD(x + i), V(0.0f))); /* x < 0 ? 0 : x, NaN kept */
+#define STEP(j) STORE(x + (j), wasm_f32x4_pmax(LOAD(x + (j)), V(0.0f))) /* x < 0 ? 0 : x, NaN kept */
+    ROW_LOOP(i, n, STEP);
+#undef STEP
     for (; i < n; i++) x[i] = x[i] < 0.0f ? 0.0f : x[i];
 }
 
@@ -341,32 +429,42 @@ static inline float hsum(v128_t v) {
 void softmax_row(float *x, int n, float scale) {
     int i = 0;
     v128_t vs = V(scale), vm = V(-INFINITY);
-    for (; i + 4 <= n; i += 4) {
-        v128_t v = MUL(LOAD(x + i), vs);
-        STORE(x + i, v);
-        vm = wasm_f32x4_max(vm, v);
-    }
-    float m = fmaxf(fmaxf(wasm_f32x4_extract_lane(vm, 0), wasm_f32x4_extract_lane(vm, 1)),
-                    fmaxf(wasm_f32x4_extract_lane(vm, 2), wasm_f32x4_extract_lane(vm, 3)));
+#define STEP(j)                                                                                                     \
+    do {                                                                                                            \
+        v128_t v = MUL(LOAD(x + (j)), vs);                                                                          \
+        STORE(x + (j), v);                                                                                          \
+        vm = wasm_f32x4_max(vm, v);                                                                                 \
+    } while (0)
+    ROW_LOOP(i, n, STEP);
+#undef STEP
+    float m = max_num(max_num(wasm_f32x4_extract_lane(vm, 0), wasm_f32x4_extract_lane(vm, 1)),
+              max_num(wasm_f32x4_extract_lane(vm, 2), wasm_f32x4_extract_lane(vm, 3)));
     for (; i < n; i++) {
         x[i] *= scale;
-        m = fmaxf(m, x[i]);
+        m = max_num(m, x[i]);
     }
     v128_t vsum = V(0.0f);
     float tail = 0.0f;
     vm = V(m);
-    for (i = 0; i + 4 <= n; i += 4) {
-        v128_t e = vexp(wasm_f32x4_sub(LOAD(x + i), vm));
-        STORE(x + i, e);
-        vsum = ADD(vsum, e);
-    }
+    i = 0;
+#define STEP(j)                                                                                                     \
+    do {                                                                                                            \
+        v128_t e = vexp(wasm_f32x4_sub(LOAD(x + (j)), vm));                                                         \
+        STORE(x + (j), e);                                                                                          \
+        vsum = ADD(vsum, e);                                                                                        \
+    } while (0)
+    ROW_LOOP(i, n, STEP);
+#undef STEP
     for (; i < n; i++) {
         x[i] = sexp(x[i] - m);
         tail += x[i];
     }
     float sum = hsum(vsum) + tail;
     v128_t vd = V(sum);
-    for (i = 0; i + 4 <= n; i += 4) STORE(x + i, wasm_f32x4_div(LOAD(x + i), vd));
+    i = 0;
+#define STEP(j) STORE(x + (j), wasm_f32x4_div(LOAD(x + (j)), vd))
+    ROW_LOOP(i, n, STEP);
+#undef STEP
     for (; i < n; i++) x[i] /= sum;
 }
 
@@ -375,29 +473,39 @@ void layer_norm(float *x, int rows, int h, const float *g, const float *b, float
         int i = 0;
         v128_t vs = V(0.0f);
         float tail = 0.0f;
-        for (; i + 4 <= h; i += 4) vs = ADD(vs, LOAD(x + i));
+#define STEP(j) vs = ADD(vs, LOAD(x + (j)))
+        ROW_LOOP(i, h, STEP);
+#undef STEP
         for (; i < h; i++) tail += x[i];
         float mean = (hsum(vs) + tail) / (float)h;
         v128_t vmean = V(mean), vq = V(0.0f);
         tail = 0.0f;
-        for (i = 0; i + 4 <= h; i += 4) {
-            v128_t d = wasm_f32x4_sub(LOAD(x + i), vmean);
-            MAC(vq, d, d);
-        }
+        i = 0;
+#define STEP(j)                                                                                                     \
+    do {                                                                                                            \
+        v128_t d = wasm_f32x4_sub(LOAD(x + (j)), vmean);                                                            \
+        MAC(vq, d, d);                                                                                              \
+    } while (0)
+        ROW_LOOP(i, h, STEP);
+#undef STEP
         for (; i < h; i++) tail += (x[i] - mean) * (x[i] - mean);
         float var = (hsum(vq) + tail) / (float)h;
         float rstd = 1.0f / sqrtf(var + eps);
         /* torch's LayerNorm kernel: (x * rstd + (-rstd * mean)) * gamma + beta */
         float shift = -rstd * mean;
         v128_t vr = V(rstd), vsh = V(shift);
-        for (i = 0; i + 4 <= h; i += 4)
-            STORE(x + i, ADD(MUL(ADD(MUL(LOAD(x + i), vr), vsh), LOAD(g + i)), LOAD(b + i)));
+        i = 0;
+#define STEP(j) STORE(x + (j), ADD(MUL(ADD(MUL(LOAD(x + (j)), vr), vsh), LOAD(g + (j))), LOAD(b + (j))))
+        ROW_LOOP(i, h, STEP);
+#undef STEP
         for (; i < h; i++) x[i] = (x[i] * rstd + shift) * g[i] + b[i];
     }
 }
 
 void add_into(float *dst, const float *src, size_t n) {
     size_t i = 0;
-    for (; i + 4 <= n; i += 4) STORE(dst + i, ADD(LOAD(dst + i), LOAD(src + i)));
+#define STEP(j) STORE(dst + (j), ADD(LOAD(dst + (j)), LOAD(src + (j))))
+    ROW_LOOP(i, n, STEP);
+#undef STEP
     for (; i < n; i++) dst[i] += src[i];
 }
