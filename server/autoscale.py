@@ -1,0 +1,229 @@
+"""The autoscaling policy: observations in, desired replica count out. Pure — no I/O, no clock of its own.
+
+Each tick the caller (the local supervisor, or a simulator) scrapes every replica's metrics, turns the deltas since
+the last tick into one `ReplicaSample` per replica, and calls `decide(samples, current, state, now, config)`.
+
+The formula
+-----------
+Per replica, from what it served in the interval: its request rate lambda, the fraction of its workers' time spent in
+forward passes u (busy), and its mean forward time per request s (service time, batching included). Its
+throughput at saturation is mu = lambda / u. Its capacity *at the SLO* is the rate at which the SLO quantile of latency
+still meets the target T. Modelling a replica as a single queue (M/M/1: the time in system is exponential with mean
+s / (1 - rho)), the q-quantile is -ln(1 - q) * s / (1 - rho); it equals T at utilisation
+
+    rho* = 1 - (-ln(1 - q) * s / T),   clamped to [0.05, max_utilization]
+    capacity = mu * rho*
+
+The fleet's capacity per replica is the median over the replicas that reported. Demand D is the summed request
+rate, averaged over two windows (like Knative's KPA): the stable window (60 s) and the panic window (6 s). Then
+
+    desired = ceil(D_stable / capacity)                        normally
+    desired = max(current, ceil(D_panic / capacity), react)   while panicking (never below current)
+
+where `react` answers an SLO that is already broken: when the observed q-quantile L exceeds T,
+react = max(current + 1, ceil(current * min(L / T, 2))). Panic starts when D_panic / capacity >= 2 x current (KPA's
+200% panic threshold) or when L > T, and lasts at least one stable window after the last trigger. Estimating
+capacity lets the policy scale *before* the SLO breaks; `react` covers a capacity estimate that is off.
+
+Then, as Kubernetes' HPA does: changes within +/-10% of the current count are ignored (tolerance); scale-down takes
+the highest recommendation of the last 300 s (stabilization window); steps are limited (up to x1000 per tick as
+KPA's max-scale-up-rate, down to /2 per tick as KPA's max-scale-down-rate); the result is clamped to
+[min_replicas, max_replicas]. A replica whose metrics could not be read is unknown: the policy never scales down
+on missing data (desired >= current while any replica is unknown). With `scale_to_zero`, no demand for the whole
+stable window plus `scale_to_zero_grace_s` (KPA: 30 s) gives 0; any demand at zero gives 1.
+
+Defaults compared: HPA — target 70% CPU, tolerance 0.1, scale-down stabilization 300 s, scale-up 100% or 4 pods
+per 15 s; KPA — stable window 60 s, panic window 10% of it (6 s), panic threshold 200%, max scale-up rate 1000,
+max scale-down rate 2, target 100 concurrent requests (70% utilisation). Here the target is a latency quantile,
+not CPU or concurrency.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+
+class PolicyError(ValueError):
+    """Invalid policy settings; the message names the setting and the rule."""
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    slo_quantile: float = 0.95
+    slo_target_s: float = 0.1
+    min_replicas: int = 1
+    max_replicas: int = 10
+    stable_window_s: float = 60.0
+    panic_window_s: float = 6.0
+    panic_threshold: float = 2.0
+    scale_down_window_s: float = 300.0
+    tolerance: float = 0.1
+    max_scale_up_rate: float = 1000.0
+    max_scale_down_rate: float = 2.0
+    max_utilization: float = 0.9
+    scale_to_zero: bool = False
+    scale_to_zero_grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.slo_quantile < 1:
+            raise PolicyError(f"slo_quantile must be in (0, 1), got {self.slo_quantile}")
+        if not self.slo_target_s > 0:
+            raise PolicyError(f"slo_target_s must be positive, got {self.slo_target_s}")
+        if self.min_replicas < 0 or self.max_replicas < 1:
+            raise PolicyError(f"replicas: min must be >= 0 and max >= 1, got {self.min_replicas}..{self.max_replicas}")
+        if self.min_replicas > self.max_replicas:
+            raise PolicyError(f"min_replicas {self.min_replicas} is more than max_replicas {self.max_replicas}")
+        if self.min_replicas == 0 and not self.scale_to_zero:
+            raise PolicyError("min_replicas 0 needs scale_to_zero")
+        for name in ("stable_window_s", "panic_window_s", "scale_down_window_s", "scale_to_zero_grace_s"):
+            if getattr(self, name) < 0:
+                raise PolicyError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.panic_window_s > self.stable_window_s:
+            raise PolicyError(f"panic_window_s {self.panic_window_s} is longer than stable_window_s "
+                              f"{self.stable_window_s}")  # fmt: skip
+        if self.panic_threshold < 1 or self.max_scale_up_rate < 1 or self.max_scale_down_rate < 1:
+            raise PolicyError("panic_threshold, max_scale_up_rate and max_scale_down_rate must be at least 1")
+        if not 0 < self.max_utilization <= 1 or not 0 <= self.tolerance < 1:
+            raise PolicyError("max_utilization must be in (0, 1] and tolerance in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ReplicaSample:
+    """One replica over the last interval (deltas of its counters); `ok` False when its metrics were unreadable."""
+
+    name: str
+    ok: bool = True
+    rate_rps: float = 0.0  # requests answered per second
+    busy: float = 0.0  # fraction of its workers' time in forward passes, 0..1
+    service_s: float = 0.0  # mean forward time per request (batch time / rows), incl. batching
+    latency_buckets: tuple[tuple[float, float], ...] = ()  # (upper bound s, cumulative count delta), +inf last
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    demand: tuple[tuple[float, float], ...] = ()  # (time, fleet request rate) within the stable window
+    recommendations: tuple[tuple[float, int], ...] = ()  # (time, desired) within the scale-down window
+    panic_until: float = -math.inf
+    capacity_rps: float | None = None  # last known capacity per replica at the SLO
+    idle_since: float | None = None  # when demand last became zero
+
+
+@dataclass(frozen=True)
+class Decision:
+    replicas: int
+    state: PolicyState
+    reason: str
+    demand_rps: float
+    capacity_rps: float | None
+    observed_quantile_s: float | None
+    panicking: bool = False
+    unknown: tuple[str, ...] = field(default=())
+
+
+def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
+    """Prometheus' histogram_quantile: linear interpolation within the bucket holding rank q * total."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    total = buckets[-1][1]
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound  # beyond the last finite bucket: its bound is all we know
+            width = count - lower_count
+            return lower_bound + (bound - lower_bound) * ((rank - lower_count) / width if width > 0 else 1.0)
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+def merge_buckets(samples: Sequence[ReplicaSample]) -> tuple[tuple[float, float], ...]:
+    """Sum the replicas' bucket counts (they share bounds: one server, one metrics definition)."""
+    merged: dict[float, float] = {}
+    for s in samples:
+        for bound, count in s.latency_buckets:
+            merged[bound] = merged.get(bound, 0.0) + count
+    return tuple(sorted(merged.items()))
+
+
+def capacity_at_slo(sample: ReplicaSample, config: PolicyConfig) -> float | None:
+    """Requests per second this replica can serve with its SLO quantile at the target (None: no data)."""
+    if sample.rate_rps <= 0 or sample.busy <= 0 or sample.service_s <= 0:
+        return None
+    saturation = sample.rate_rps / min(sample.busy, 1.0)
+    rho = 1.0 + math.log(1.0 - config.slo_quantile) * sample.service_s / config.slo_target_s
+    return saturation * min(max(rho, 0.05), config.max_utilization)
+
+
+def _window_mean(points: Sequence[tuple[float, float]], since: float) -> float:
+    values = [v for t, v in points if t >= since]
+    return sum(values) / len(values) if values else 0.0
+
+
+def decide(
+    samples: Sequence[ReplicaSample], current: int, state: PolicyState, now: float, config: PolicyConfig
+) -> Decision:
+    """The desired replica count for this tick, and the state to pass to the next one."""
+    known = [s for s in samples if s.ok]
+    unknown = tuple(s.name for s in samples if not s.ok)
+    demand = sum(s.rate_rps for s in known)
+    if unknown and known:  # the unknown ones serve too: assume they carry the average load
+        demand *= len(samples) / len(known)
+    capacities = [c for s in known if (c := capacity_at_slo(s, config)) is not None]
+    capacity = statistics.median(capacities) if capacities else state.capacity_rps
+    observed = histogram_quantile(config.slo_quantile, merge_buckets(known))
+
+    history = (*((t, d) for t, d in state.demand if t > now - config.stable_window_s), (now, demand))
+    stable = _window_mean(history, now - config.stable_window_s)
+    panic_demand = _window_mean(history, now - config.panic_window_s)
+    idle_since = (state.idle_since if state.idle_since is not None else now) if demand == 0 else None
+
+    if current == 0:
+        desired, reason, panicking = (1, "demand at zero replicas", False) if demand > 0 else (0, "idle at zero", False)
+        panic_until = state.panic_until
+    else:
+        breached = observed is not None and observed > config.slo_target_s
+        need_panic = math.ceil(panic_demand / capacity) if capacity else current
+        trigger = breached or (capacity is not None and need_panic >= config.panic_threshold * current)
+        panic_until = now + config.stable_window_s if trigger else state.panic_until
+        panicking = now < panic_until
+        if panicking:
+            react = max(current + 1, math.ceil(current * min((observed or 0) / config.slo_target_s, 2.0))) \
+                if breached else current  # fmt: skip
+            desired = max(current, need_panic, react)
+            quantile = f"p{config.slo_quantile * 100:g} {(observed or 0) * 1e3:.0f} ms > target"
+            reason = "panic: " + (quantile if breached else f"burst needs {need_panic}")
+        elif capacity:
+            desired = math.ceil(stable / capacity) if stable > 0 else config.min_replicas
+            if abs(desired / current - 1) <= config.tolerance:
+                desired = current
+            reason = f"stable demand {stable:.1f} rps / capacity {capacity:.1f} rps per replica"
+        else:
+            desired, reason = current, "no capacity estimate yet"
+        if (
+            config.scale_to_zero
+            and idle_since is not None
+            and now - idle_since >= (config.stable_window_s + config.scale_to_zero_grace_s)
+        ):
+            desired, reason = 0, "idle past the scale-to-zero grace"
+
+    recommendations = (*((t, r) for t, r in state.recommendations if t > now - config.scale_down_window_s),
+                       (now, desired))  # fmt: skip
+    if desired < current:
+        held = max(r for _, r in recommendations)
+        if held > desired:
+            desired, reason = min(held, current), reason + f"; held by the scale-down window ({held})"
+    if unknown and desired < current:
+        desired, reason = current, f"no scale-down while {', '.join(unknown)} is unknown"
+    if current > 0:
+        desired = min(desired, math.ceil(current * config.max_scale_up_rate))
+        desired = max(desired, math.floor(current / config.max_scale_down_rate) if desired > 0 else 0)
+    floor = 0 if config.scale_to_zero and desired == 0 else config.min_replicas
+    desired = min(max(desired, floor), config.max_replicas)
+
+    new_state = replace(state, demand=history, recommendations=recommendations, panic_until=panic_until,
+                        capacity_rps=capacity, idle_since=idle_since)  # fmt: skip
+    return Decision(desired, new_state, reason, demand, capacity, observed, panicking, unknown)

@@ -1,0 +1,114 @@
+"""The autoscaling policy (pure): settings validated, capacity estimated at the SLO, scale-up before the SLO breaks,
+reaction when it breaks, panic never scaling down, scale-down stabilization, unknown replicas, limits."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from server.autoscale import (
+    PolicyConfig,
+    PolicyError,
+    PolicyState,
+    ReplicaSample,
+    capacity_at_slo,
+    decide,
+    histogram_quantile,
+)
+
+CONFIG = PolicyConfig(slo_quantile=0.95, slo_target_s=0.1, min_replicas=1, max_replicas=10)
+FAST = ((0.01, 0.0), (0.025, 50.0), (0.05, 100.0), (float("inf"), 100.0))  # p95 ≈ 48 ms
+SLOW = ((0.05, 0.0), (0.1, 10.0), (0.25, 60.0), (float("inf"), 100.0))  # p95 beyond 250 ms
+
+
+def replica(name: str, rate: float, busy: float, buckets: tuple[tuple[float, float], ...] = FAST) -> ReplicaSample:
+    return ReplicaSample(name, rate_rps=rate, busy=busy, service_s=0.01, latency_buckets=buckets)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"min_replicas": 3, "max_replicas": 2}, "min_replicas 3 is more than max_replicas 2"),
+        ({"stable_window_s": -1}, "stable_window_s must not be negative"),
+        ({"slo_quantile": 1.0}, r"slo_quantile must be in \(0, 1\), got 1.0"),
+        ({"slo_quantile": 0}, r"slo_quantile must be in \(0, 1\)"),
+        ({"slo_target_s": 0}, "slo_target_s must be positive"),
+        ({"min_replicas": 0}, "min_replicas 0 needs scale_to_zero"),
+        ({"panic_window_s": 90}, "panic_window_s 90 is longer than stable_window_s 60.0"),
+    ],
+)
+def test_invalid_settings_are_refused(settings: dict[str, float], message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        PolicyConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    assert histogram_quantile(0.5, FAST) == pytest.approx(0.025)
+    assert histogram_quantile(0.95, FAST) == pytest.approx(0.025 + 0.025 * 45 / 50)
+    assert histogram_quantile(0.95, SLOW) == pytest.approx(0.25)  # in the +Inf bucket: the last finite bound
+    assert histogram_quantile(0.95, ()) is None
+
+
+def test_capacity_at_the_slo_follows_the_queueing_formula() -> None:
+    sample = replica("a", rate=50, busy=0.5)  # saturation 100 rps, service 10 ms
+    rho = 1 - (-math.log(0.05)) * 0.01 / 0.1
+    assert capacity_at_slo(sample, CONFIG) == pytest.approx(100 * rho)
+    assert capacity_at_slo(replica("idle", rate=0, busy=0), CONFIG) is None
+
+
+def test_scales_up_before_the_slo_breaks() -> None:
+    # Latency still fine (p95 ≈ 48 ms), but 2 replicas each at 90% busy: demand exceeds capacity at the SLO.
+    state, current = PolicyState(), 2
+    for t in range(0, 61, 2):
+        d = decide([replica("a", 90, 0.9), replica("b", 90, 0.9)], current, state, float(t), CONFIG)
+        state = d.state
+    assert d.observed_quantile_s is not None and d.observed_quantile_s < CONFIG.slo_target_s
+    assert d.replicas == math.ceil(180 / d.capacity_rps)  # type: ignore[operator]
+    assert d.replicas > current and not d.panicking
+
+
+def test_reacts_when_the_slo_is_broken_and_never_scales_down_in_panic() -> None:
+    d = decide([replica("a", 20, 0.2, SLOW)], 2, PolicyState(), 0.0, CONFIG)
+    assert d.panicking and d.replicas >= 3 and "panic" in d.reason
+    # The burst is over and the load is tiny, but the panic window holds: no scale-down.
+    later = decide([replica("a", 1, 0.01), replica("b", 1, 0.01), replica("c", 1, 0.01)], 3, d.state, 30.0, CONFIG)
+    assert later.panicking and later.replicas == 3
+
+
+def test_scale_down_waits_for_the_stabilization_window() -> None:
+    state, current = PolicyState(), 4
+    decisions = []
+    for t in range(0, 700, 10):
+        rate, busy = (60, 0.6) if t < 60 else (5, 0.05)  # 240 rps needs 4 replicas, then 20 rps needs 1
+        d = decide([replica(n, rate, busy) for n in "abcd"[:current]], current, state, float(t), CONFIG)
+        state, current = d.state, d.replicas
+        decisions.append((t, current))
+    assert all(r == 4 for t, r in decisions if t < 60)
+    first_down = next(t for t, r in decisions if r < 4)
+    assert first_down >= 50 + CONFIG.scale_down_window_s  # the last 4-replica recommendation holds for 300 s
+    assert decisions[-1][1] == 1
+    assert all(b >= a // 2 for (_, a), (_, b) in itertools.pairwise(decisions))  # at most halved per tick
+
+
+def test_unknown_replica_blocks_scale_down_and_counts_as_loaded() -> None:
+    samples = [replica("a", 1, 0.01), ReplicaSample("b", ok=False)]
+    d = decide(samples, 2, PolicyState(), 0.0, PolicyConfig(scale_down_window_s=0, stable_window_s=0, panic_window_s=0))
+    assert d.replicas == 2 and d.unknown == ("b",) and "b is unknown" in d.reason
+    assert d.demand_rps == 2  # the unknown replica assumed to carry the average
+
+
+def test_limits_and_scale_to_zero() -> None:
+    # 50 ms per request against a 100 ms p95 target: 5 rps per replica at the SLO, 100 rps arriving → 20, capped at 3.
+    slow = ReplicaSample("a", rate_rps=100, busy=1.0, service_s=0.05, latency_buckets=SLOW)
+    capped = decide([slow], 1, PolicyState(), 0.0, PolicyConfig(max_replicas=3))
+    assert capped.capacity_rps == pytest.approx(5.0) and capped.replicas == 3
+    zero = PolicyConfig(min_replicas=0, scale_to_zero=True, stable_window_s=10, panic_window_s=1,
+                        scale_down_window_s=0, scale_to_zero_grace_s=5)  # fmt: skip
+    state = PolicyState()
+    for t in range(0, 20):
+        d = decide([ReplicaSample("a")], 1, state, float(t), zero)
+        state = d.state
+    assert d.replicas == 0 and "scale-to-zero" in d.reason
+    assert decide([ReplicaSample("activator", rate_rps=1)], 0, state, 21.0, zero).replicas == 1
