@@ -8,6 +8,7 @@ loader is still streaming; readiness turns true only after the warm-up forward.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import logging
@@ -24,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from loader.store import StagedModel, VersionWatcher, open_model
 from server import openai_api, v2
+from server.autoscale import PolicyConfig, Snapshot, parse_snapshot, pod_scale_factor, sample_between
 from server.batcher import BatchQueue
 from server.errors import BadRequest, ModelError, NotFound, PayloadTooLarge, ServerError, Unavailable
 from server.metrics import ServerMetrics
@@ -53,6 +55,9 @@ class ServerConfig:
     poll_interval_s: float = 0.25
     factory: str | None = None
     truncate: bool | None = None
+    slo_target_s: float = 0.1
+    slo_quantile: float = 0.95
+    signal_window_s: float = 30.0  # the scale-factor gauge looks back this far
     process_start: float = field(default_factory=lambda: process_start_time())
 
 
@@ -109,7 +114,7 @@ def create_app(
     app[CONFIG] = config
     app[MODEL_TASK] = model_task or follow_store
     app[METRICS] = ServerMetrics(registry if registry is not None else CollectorRegistry())
-    app.cleanup_ctx.extend([state_ctx, batcher_ctx, model_ctx])
+    app.cleanup_ctx.extend([state_ctx, batcher_ctx, model_ctx, scale_signal_ctx])
     app.router.add_get("/v2/health/live", live, name="live")
     app.router.add_get("/v2/health/ready", ready, name="ready")
     app.router.add_get("/v2", server_metadata, name="server_metadata")
@@ -150,6 +155,32 @@ async def batcher_ctx(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     app[EXECUTOR].shutdown(wait=True, cancel_futures=True)
+
+
+async def scale_signal_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Keep `warmpod_scale_factor` current: this replica's demand over its capacity at the SLO (server.autoscale)."""
+    config, metrics = app[CONFIG], app[METRICS]
+    metrics.workers.set(config.workers)
+    policy = PolicyConfig(slo_target_s=config.slo_target_s, slo_quantile=config.slo_quantile)
+    task = asyncio.create_task(update_scale_factor(metrics, policy, config.signal_window_s), name="scale signal")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def update_scale_factor(metrics: ServerMetrics, policy: PolicyConfig, window_s: float) -> None:
+    """Every few seconds: snapshot our own metrics, compare with the snapshot one window ago, set the gauge."""
+    history: collections.deque[Snapshot] = collections.deque()
+    interval = max(0.5, window_s / 10)
+    while True:
+        now = time.monotonic()
+        history.append(parse_snapshot(generate_latest(metrics.registry).decode(), now))
+        while len(history) > 2 and history[1].at <= now - window_s:
+            history.popleft()
+        if len(history) > 1:
+            metrics.scale_factor.set(pod_scale_factor(sample_between("self", history[0], history[-1]), policy))
+        await asyncio.sleep(interval)
 
 
 async def model_ctx(app: web.Application) -> AsyncIterator[None]:

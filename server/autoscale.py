@@ -227,3 +227,87 @@ def decide(
     new_state = replace(state, demand=history, recommendations=recommendations, panic_until=panic_until,
                         capacity_rps=capacity, idle_since=idle_since)  # fmt: skip
     return Decision(desired, new_state, reason, demand, capacity, observed, panicking, unknown)
+
+
+# ------------------------------------------------------------------------------- observations from /metrics
+
+
+INFERENCE_ENDPOINTS = ("infer", "embeddings")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The counters of one scrape of a replica's /metrics that the policy needs (cumulative since its start)."""
+
+    at: float  # the caller's clock (monotonic seconds) when scraped
+    requests: float  # inference requests answered 2xx
+    latency_buckets: tuple[tuple[float, float], ...]  # cumulative counts of those requests' latency, +inf last
+    batch_seconds: float  # total forward-pass time
+    batches: float  # forward passes
+    workers: float  # forward passes that may run at once
+
+
+def parse_snapshot(text: str, at: float) -> Snapshot:
+    """Read a replica's /metrics exposition; ValueError when it is not a warmpod server's metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    requests = batch_seconds = batches = 0.0
+    workers: float | None = None
+    buckets: dict[float, float] = {}
+    found = False
+    try:
+        families = list(text_string_to_metric_families(text))
+    except Exception as e:  # the parser raises ValueError, and others on some malformed input
+        raise ValueError(f"not a Prometheus exposition: {e}") from None
+    for family in families:
+        for s in family.samples:
+            if s.name == "warmpod_request_duration_seconds_bucket" and _answered(s.labels):
+                buckets[float(s.labels["le"])] = buckets.get(float(s.labels["le"]), 0.0) + s.value
+            elif s.name == "warmpod_request_duration_seconds_count" and _answered(s.labels):
+                requests += s.value
+            elif s.name == "warmpod_batch_duration_seconds_sum":
+                batch_seconds += s.value
+            elif s.name == "warmpod_batch_duration_seconds_count":
+                batches += s.value
+            elif s.name == "warmpod_workers":
+                workers = s.value
+            else:
+                continue
+            found = True
+    if not found or workers is None:
+        raise ValueError("no warmpod_* serving metrics (warmpod_workers, warmpod_request_duration_seconds) in it")
+    return Snapshot(at, requests, tuple(sorted(buckets.items())), batch_seconds, batches, max(workers, 1.0))
+
+
+def _answered(labels: dict[str, str]) -> bool:
+    return labels.get("endpoint") in INFERENCE_ENDPOINTS and labels.get("code", "").startswith("2")
+
+
+def sample_between(name: str, before: Snapshot, after: Snapshot) -> ReplicaSample:
+    """What a replica did between two scrapes. A restarted replica (counters went down) counts from zero."""
+    if after.requests < before.requests or after.batches < before.batches:
+        before = Snapshot(before.at, 0.0, (), 0.0, 0.0, before.workers)
+    elapsed = after.at - before.at
+    if elapsed <= 0:
+        return ReplicaSample(name, ok=False)
+    earlier = dict(before.latency_buckets)
+    batch_seconds, batches = after.batch_seconds - before.batch_seconds, after.batches - before.batches
+    return ReplicaSample(
+        name,
+        rate_rps=(after.requests - before.requests) / elapsed,
+        busy=min(1.0, batch_seconds / (elapsed * after.workers)),
+        service_s=batch_seconds / batches if batches > 0 else 0.0,
+        latency_buckets=tuple((b, c - earlier.get(b, 0.0)) for b, c in after.latency_buckets),
+    )
+
+
+def pod_scale_factor(sample: ReplicaSample, config: PolicyConfig) -> float:
+    """One replica's share of the fleet's scale factor: its demand / its capacity at the SLO, at least its observed
+    quantile / the target. The average over replicas is what HPA (or KEDA) compares with a target of 1.0:
+    desired = ceil(current x average) — the stable-window part of `decide`, in HPA's own formula."""
+    capacity = capacity_at_slo(sample, config)
+    factor = sample.rate_rps / capacity if capacity else 0.0
+    observed = histogram_quantile(config.slo_quantile, sample.latency_buckets)
+    if observed is not None and observed > config.slo_target_s:
+        factor = max(factor, observed / config.slo_target_s)
+    return factor

@@ -32,6 +32,16 @@ def _positive(kind: type[int] | type[float], minimum: float = 1) -> Callable[[st
     return parse
 
 
+def _quantile(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="warmpod serve",
@@ -85,6 +95,17 @@ def add_serving_arguments(p: argparse.ArgumentParser, *, default_port: int) -> N
         help="text longer than the model's limit → 400, instead of truncating as the model's files say",
     )
     p.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT: several servers share one port")
+    p.add_argument(
+        "--slo-target-ms", type=_positive(float, 0.001), default=100.0,
+        help="latency SLO target for the warmpod_scale_factor gauge (default 100 ms)",
+    )  # fmt: skip
+    p.add_argument(
+        "--slo-quantile", type=_quantile, default=0.95, help="the SLO's latency quantile, in (0, 1) (default 0.95)"
+    )
+    p.add_argument(
+        "--signal-window", type=_positive(float, 1), default=30.0,
+        help="seconds of traffic the warmpod_scale_factor gauge looks back over (default 30)",
+    )  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -104,6 +125,9 @@ def serving_config(args: argparse.Namespace, **fields: Any) -> ServerConfig:
         request_timeout_s=args.request_timeout,
         drain_grace_s=args.drain_grace,
         truncate=args.truncate,
+        slo_target_s=args.slo_target_ms / 1000,
+        slo_quantile=args.slo_quantile,
+        signal_window_s=args.signal_window,
         process_start=process_start_time(),
         **fields,
     )

@@ -82,3 +82,13 @@ class ServerMetrics:
             registry=registry,
         )
         self.ready = Gauge("warmpod_ready", "1 when the server reports ready, else 0", registry=registry)
+        self.workers = Gauge(
+            "warmpod_workers", "Forward passes that may run at once (the capacity the busy fraction divides)",
+            registry=registry,
+        )  # fmt: skip
+        self.scale_factor = Gauge(
+            "warmpod_scale_factor",
+            "This replica's demand / its capacity at the latency SLO (at least observed quantile / target), over the "
+            "last window: averaged across pods, the factor by which to scale (HPA/KEDA target 1.0)",
+            registry=registry,
+        )

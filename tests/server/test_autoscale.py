@@ -16,6 +16,9 @@ from server.autoscale import (
     capacity_at_slo,
     decide,
     histogram_quantile,
+    parse_snapshot,
+    pod_scale_factor,
+    sample_between,
 )
 
 CONFIG = PolicyConfig(slo_quantile=0.95, slo_target_s=0.1, min_replicas=1, max_replicas=10)
@@ -112,3 +115,58 @@ def test_limits_and_scale_to_zero() -> None:
         state = d.state
     assert d.replicas == 0 and "scale-to-zero" in d.reason
     assert decide([ReplicaSample("activator", rate_rps=1)], 0, state, 21.0, zero).replicas == 1
+
+
+# ------------------------------------------------------------------------------- observations from /metrics
+
+
+def _exposition(requests: int, latency_s: float, batches: int, batch_s: float, workers: int = 2) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from server.metrics import ServerMetrics
+
+    metrics = ServerMetrics(CollectorRegistry())
+    metrics.workers.set(workers)
+    for _ in range(requests):
+        metrics.request_seconds.labels("m", "infer", "200").observe(latency_s)
+    metrics.request_seconds.labels("m", "infer", "400").observe(9.0)  # errors are not the SLO's requests
+    for _ in range(batches):
+        metrics.batch_seconds.labels("m").observe(batch_s)
+    return generate_latest(metrics.registry).decode()
+
+
+def test_a_sample_from_two_scrapes_of_real_server_metrics() -> None:
+    before = parse_snapshot(_exposition(10, 0.02, 5, 0.04), at=100.0)
+    after = parse_snapshot(_exposition(110, 0.02, 55, 0.04), at=110.0)
+    sample = sample_between("w1", before, after)
+    assert sample.ok and sample.rate_rps == pytest.approx(10.0)
+    assert sample.busy == pytest.approx(50 * 0.04 / (10 * 2))  # forward time / (interval x workers)
+    assert sample.service_s == pytest.approx(0.04)
+    assert histogram_quantile(0.95, sample.latency_buckets) == pytest.approx(0.02, rel=0.3)
+
+
+def test_a_restarted_replica_counts_from_zero() -> None:
+    before = parse_snapshot(_exposition(500, 0.02, 250, 0.04), at=0.0)
+    after = parse_snapshot(_exposition(20, 0.02, 10, 0.04), at=10.0)
+    assert sample_between("w1", before, after).rate_rps == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("<html>502 Bad Gateway</html>", "not a Prometheus exposition"),
+        ("# HELP other_metric x\n# TYPE other_metric gauge\nother_metric 1\n", "no warmpod_\\* serving metrics"),
+    ],
+)
+def test_garbage_metrics_are_refused(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_snapshot(text, at=0.0)
+
+
+def test_pod_scale_factor_is_demand_over_capacity_or_the_slo_overshoot() -> None:
+    busy = ReplicaSample("a", rate_rps=35, busy=0.5, service_s=0.01, latency_buckets=FAST)  # capacity 70 * 0.70
+    rho = 1 - (-math.log(0.05)) * 0.01 / 0.1
+    assert pod_scale_factor(busy, CONFIG) == pytest.approx(35 / (70 * rho))
+    late = ReplicaSample("b", rate_rps=1, busy=0.01, service_s=0.01, latency_buckets=SLOW)
+    assert pod_scale_factor(late, CONFIG) == pytest.approx(0.25 / 0.1)
+    assert pod_scale_factor(ReplicaSample("idle"), CONFIG) == 0.0
