@@ -10,11 +10,14 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loader.plan import size_arg
 from loader.store import DEFAULT_ROOT
 from server.app import ModelTask, ServerConfig, process_start_time
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger("warmpod.server")
 
@@ -57,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_serving_arguments(p, default_port=8080)
     p.add_argument("--threads", type=_positive(int), default=1, help="torch intra-op threads per forward (default 1)")
     p.add_argument("--factory", help="serve any nn.Module: package.module:function (receives config.json's dict)")
+    p.add_argument(
+        "--metrics-port",
+        type=_positive(int, 0),
+        help="also serve on 127.0.0.1:P, a port of this process alone (0 picks one): health and /metrics for a "
+        "supervisor, since a shared --reuse-port port reaches any of the servers. With --reuse-port, the shared port "
+        "is joined only once the model is ready and left first on SIGTERM, so the other servers take new connections",
+    )
     return p
 
 
@@ -137,11 +147,17 @@ async def serve(
     config: ServerConfig,
     *,
     reuse_port: bool = False,
+    metrics_port: int | None = None,
     model_task: ModelTask | None = None,
     prog: str = "warmpod serve",
     description: str = "",
 ) -> int:
-    """Run until SIGTERM/SIGINT (drain, exit 0) or a model that cannot be served (exit 5)."""
+    """Run until SIGTERM/SIGINT (drain, exit 0) or a model that cannot be served (exit 5).
+
+    With `metrics_port`, the same app is also served on 127.0.0.1:metrics_port. With `reuse_port` as well (one
+    server of several on a shared port, as `warmpod up` runs them), the shared port is joined only once the model is
+    ready and left first on SIGTERM: a server still starting or draining never takes a new connection there.
+    """
     from aiohttp import web
 
     from server.app import STATE, create_app, drain
@@ -149,24 +165,46 @@ async def serve(
     app = create_app(config, model_task=model_task)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
+    handoff = reuse_port and metrics_port is not None
+    site: web.TCPSite | None = None
     try:
-        site = web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port or None)
-        try:
-            await site.start()
-        except OSError as e:
-            print(f"{prog}: error: cannot listen on {config.host}:{config.port}: {e.strerror}", file=sys.stderr)
-            return 2
-        host, port = runner.addresses[0][:2]
-        what = description or f"model {config.model}, store {config.store}"
-        print(f"{prog}: listening on http://{host}:{port} ({what})", file=sys.stderr, flush=True)
+        if metrics_port is not None:
+            private = web.TCPSite(runner, "127.0.0.1", metrics_port)
+            if not await _listen(private, prog, "127.0.0.1", metrics_port):
+                return 2
+            host, port = runner.addresses[-1][:2]
+            print(f"{prog}: metrics and health on http://{host}:{port}", file=sys.stderr, flush=True)
+        state = app[STATE]
+        left = False
+
+        async def leave_then_drain() -> None:
+            nonlocal left
+            if handoff and not left:
+                left = True
+                if site is not None:
+                    await site.stop()  # the kernel sends new connections on the shared port to the other servers
+                    # Connections accepted just before still send their request: serve it rather than refuse it.
+                    await asyncio.sleep(HANDOFF_S)
+            await drain(app)
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(drain(app)))
-        state = app[STATE]
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(leave_then_drain()))
+        if handoff:
+            while not state.ready and not state.exit_code.done():
+                await asyncio.sleep(0.02)
+        if not state.exit_code.done():
+            site = web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port or None)
+            if not await _listen(site, prog, config.host, config.port):
+                return 2
+            host, port = runner.addresses[-1][:2]
+            what = description or f"model {config.model}, store {config.store}"
+            print(f"{prog}: listening on http://{host}:{port} ({what})", file=sys.stderr, flush=True)
         code = await state.exit_code
         # Stop accepting first, then give connections accepted in the meantime a moment to get their answer (503
         # while draining) before the runner closes every connection.
-        await site.stop()
+        if site is not None and not left:
+            await site.stop()
         await asyncio.sleep(0.2)
         if state.fatal:
             print(f"{prog}: error: {state.fatal}", file=sys.stderr, flush=True)
@@ -175,8 +213,20 @@ async def serve(
         await runner.cleanup()
 
 
+HANDOFF_S = 0.2  # after leaving a shared port: how long requests on connections accepted just before may arrive
+
+
+async def _listen(site: web.BaseSite, prog: str, host: str, port: int) -> bool:
+    try:
+        await site.start()
+    except OSError as e:
+        print(f"{prog}: error: cannot listen on {host}:{port}: {e.strerror}", file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     config = config_from_args(args)
-    return asyncio.run(serve(config, reuse_port=args.reuse_port))
+    return asyncio.run(serve(config, reuse_port=args.reuse_port, metrics_port=args.metrics_port))
