@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # warmpod's two entry points on a fresh machine:
-#   ./dev.sh run    the embedded default: stage the real all-MiniLM-L6-v2 into /dev/shm/warmpod and serve it
-#                   on 127.0.0.1:8080 (WARMPOD_STORE and WARMPOD_PORT override)
+#   ./dev.sh run    the embedded default: `warmpod up` stages the real all-MiniLM-L6-v2 into /dev/shm/warmpod and
+#                   serves it on 127.0.0.1:8080, autoscaled, /status on 8081 (WARMPOD_STORE, WARMPOD_PORT and
+#                   WARMPOD_STATUS_PORT override)
 #   ./dev.sh test   install what the tests need, then run the whole suite (what CI runs)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -27,8 +28,10 @@ case "${1:-}" in
     store=${WARMPOD_STORE:-/dev/shm/warmpod}
     port=${WARMPOD_PORT:-8080}
     model=all-MiniLM-L6-v2
-    warmpod load "$(minilm_dir)" --model "$model" --store "$store"
-    warmpod serve --model "$model" --store "$store" --host 127.0.0.1 --port "$port" &
+    status_port=${WARMPOD_STATUS_PORT:-$((port + 1))}
+    # The loader, then server workers sharing the port, scaled on the latency SLO (warmpod up --help).
+    warmpod up "$(minilm_dir)" --model "$model" --store "$store" --host 127.0.0.1 --port "$port" \
+      --status-port "$status_port" &
     server=$!
     trap 'kill -TERM "$server" 2>/dev/null; wait "$server"; exit 0' INT TERM
     "$PY" - "$port" "$server" <<'WAIT'
@@ -45,9 +48,9 @@ while time.monotonic() < deadline:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        sys.exit("warmpod serve exited before it was ready")
+        sys.exit("warmpod up exited before it was ready")
     time.sleep(0.1)
-sys.exit("warmpod serve was not ready within 2 minutes")
+sys.exit("warmpod up was not ready within 2 minutes")
 WAIT
     cat <<EXAMPLES
 
@@ -60,6 +63,8 @@ warmpod serves $model on http://127.0.0.1:$port (Ctrl-C drains and stops it). Tr
     -d '{"model": "$model", "input": ["warm pods start fast"]}'
 
   curl -s http://127.0.0.1:$port/metrics | grep ^warmpod_
+
+  curl -s http://127.0.0.1:$status_port/status    # workers, version, p95 and the autoscaler's decision
 
 EXAMPLES
     wait "$server"

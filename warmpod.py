@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "load": ("loader.cli", "stream a safetensors model into the shared-memory store"),
     "serve": ("server.cli", "serve a staged model over Open Inference Protocol v2 and OpenAI embeddings"),
+    "up": ("server.up", "stage a model, serve it with workers on one port, and scale them on a latency SLO"),
     "edge": ("wasm.cli", "compile a model for the WebAssembly edge engine, or serve it (same protocol)"),
 }
 

@@ -166,7 +166,7 @@ async def serve(
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     handoff = reuse_port and metrics_port is not None
-    site: web.TCPSite | None = None
+    public: web.TCPSite | None = None  # the --host:--port site, once listening
     try:
         if metrics_port is not None:
             private = web.TCPSite(runner, "127.0.0.1", metrics_port)
@@ -175,14 +175,14 @@ async def serve(
             host, port = runner.addresses[-1][:2]
             print(f"{prog}: metrics and health on http://{host}:{port}", file=sys.stderr, flush=True)
         state = app[STATE]
-        left = False
+        left = False  # the shared port was left (handoff)
 
         async def leave_then_drain() -> None:
             nonlocal left
             if handoff and not left:
                 left = True
-                if site is not None:
-                    await site.stop()  # the kernel sends new connections on the shared port to the other servers
+                if public is not None:
+                    await public.stop()  # the kernel sends new connections on the shared port to the other servers
                     # Connections accepted just before still send their request: serve it rather than refuse it.
                     await asyncio.sleep(HANDOFF_S)
             await drain(app)
@@ -197,14 +197,17 @@ async def serve(
             site = web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port or None)
             if not await _listen(site, prog, config.host, config.port):
                 return 2
+            public = site
             host, port = runner.addresses[-1][:2]
             what = description or f"model {config.model}, store {config.store}"
             print(f"{prog}: listening on http://{host}:{port} ({what})", file=sys.stderr, flush=True)
+            if left:  # a signal came while it was joining
+                await public.stop()
         code = await state.exit_code
         # Stop accepting first, then give connections accepted in the meantime a moment to get their answer (503
         # while draining) before the runner closes every connection.
-        if site is not None and not left:
-            await site.stop()
+        if public is not None and not left:
+            await public.stop()
         await asyncio.sleep(0.2)
         if state.fatal:
             print(f"{prog}: error: {state.fatal}", file=sys.stderr, flush=True)

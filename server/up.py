@@ -1,0 +1,181 @@
+"""`warmpod up`: stage a model with the loader, serve it with `warmpod serve` workers sharing one port, and scale
+them on a latency SLO (the policy in `server.autoscale`, applied by `server.supervisor`). Ctrl-C drains and stops all.
+
+Exit codes: 0 stopped by Ctrl-C/SIGTERM; 2 usage (bad flags, invalid policy settings, the port taken); otherwise the
+code of the loader, or of a worker that could not start (see `warmpod load` and `warmpod serve`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loader.store import DEFAULT_ROOT
+from server.autoscale import PolicyConfig, PolicyError
+
+if TYPE_CHECKING:
+    from server.supervisor import UpConfig
+
+# The policy's setting → this command's flag, so its messages name what the user typed.
+FLAGS = {
+    "slo_quantile": "--slo-quantile",
+    "min_replicas": "--min-replicas",
+    "max_replicas": "--max-replicas",
+    "stable_window_s": "--stable-window",
+    "panic_window_s": "--panic-window",
+    "scale_down_window_s": "--scale-down-window",
+}
+# `warmpod serve` flags that `warmpod up` sets itself on every worker.
+OWN_SERVE_FLAGS = ("--model", "--store", "--host", "--port", "--reuse-port", "--metrics-port", "--slo-target-ms",
+                   "--slo-quantile")  # fmt: skip
+
+
+class UsageError(ValueError):
+    """Bad flags; the message names the flag and what to do."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="warmpod up",
+        usage="warmpod up SOURCE --model NAME [options] [-- warmpod serve options]",
+        description="Stage a model (warmpod load), serve it with warmpod serve workers sharing one port "
+        "(SO_REUSEPORT), and scale the workers on a latency SLO. Ctrl-C drains and stops everything.",
+        epilog="Arguments after -- go to every worker's `warmpod serve`, e.g. -- --workers 2 --max-batch-size 16.",
+    )
+    p.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="what `warmpod load` stages: a local path, s3://, gs://, az:// or http(s):// URL",
+    )
+    p.add_argument("--model", required=True, metavar="NAME", help="model name in the store")
+    p.add_argument(
+        "--store",
+        type=Path,
+        metavar="DIR",
+        default=Path(os.environ.get("WARMPOD_STORE", DEFAULT_ROOT)),
+        help=f"store root (default $WARMPOD_STORE or {DEFAULT_ROOT})",
+    )
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDR", help="address the workers bind (default 127.0.0.1)")
+    p.add_argument(
+        "--port", type=int, default=8080, metavar="P", help="the port the workers share (default 8080; 0 picks one)"
+    )
+    p.add_argument("--min-replicas", type=int, default=1, metavar="N", help="fewest workers (default 1)")
+    cpus = os.cpu_count() or 1
+    p.add_argument(
+        "--max-replicas", type=int, default=cpus, metavar="N", help=f"most workers (default: the CPU count, {cpus})"
+    )
+    p.add_argument(
+        "--slo-target-ms", type=float, default=100.0, metavar="MS", help="latency target at the quantile (default 100)"
+    )
+    p.add_argument(
+        "--slo-quantile", type=float, default=0.95, metavar="Q", help="the SLO's quantile, in (0, 1) (default 0.95)"
+    )
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between scrapes and decisions (default 2)",
+    )
+    p.add_argument("--stable-window", type=float, default=60.0, metavar="SECONDS", help="demand averaged over (60)")
+    p.add_argument("--panic-window", type=float, default=6.0, metavar="SECONDS", help="bursts averaged over (6)")
+    p.add_argument(
+        "--scale-down-window",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="scale down to the highest need of the last (300 s)",
+    )
+    p.add_argument(
+        "--watch", type=float, metavar="SECONDS", help="keep the loader running: poll the source every SECONDS"
+    )
+    p.add_argument(
+        "--status-port", type=int, default=0, metavar="P", help="GET /status on 127.0.0.1:P (default 0: picks one)"
+    )
+    return p
+
+
+def policy_from_args(args: argparse.Namespace) -> PolicyConfig:
+    """The policy's settings from the flags; UsageError naming the flag when one is invalid."""
+    if not args.slo_target_ms > 0:
+        raise UsageError(f"--slo-target-ms must be positive, got {args.slo_target_ms:g}")
+    if args.min_replicas < 1:
+        raise UsageError(f"--min-replicas must be at least 1, got {args.min_replicas}")
+    try:
+        return PolicyConfig(
+            slo_quantile=args.slo_quantile,
+            slo_target_s=args.slo_target_ms / 1000,
+            min_replicas=args.min_replicas,
+            max_replicas=args.max_replicas,
+            stable_window_s=args.stable_window,
+            panic_window_s=args.panic_window,
+            scale_down_window_s=args.scale_down_window,
+        )
+    except PolicyError as e:
+        message = str(e)
+        for setting, flag in FLAGS.items():
+            message = message.replace(setting, flag)
+        raise UsageError(message) from None
+
+
+def config_from_args(args: argparse.Namespace, serve_args: Sequence[str]) -> UpConfig:
+    policy = policy_from_args(args)
+    if not args.interval > 0:
+        raise UsageError(f"--interval must be a positive number of seconds, got {args.interval:g}")
+    if args.watch is not None and not args.watch > 0:
+        raise UsageError(f"--watch must be a positive number of seconds, got {args.watch:g}")
+    for name, port in (("--port", args.port), ("--status-port", args.status_port)):
+        if not 0 <= port <= 65535:
+            raise UsageError(f"{name} must be a port number (0 to 65535), got {port}")
+    for arg in serve_args:
+        if arg.split("=", 1)[0] in OWN_SERVE_FLAGS:
+            raise UsageError(f"{arg.split('=', 1)[0]} is set by warmpod up: give it before --, to warmpod up itself")
+    from loader.errors import LoaderError
+    from loader.store import check_model_name
+    from server.cli import build_parser as serve_parser
+    from server.supervisor import UpConfig
+
+    try:
+        check_model_name(args.model)
+    except LoaderError as e:
+        raise UsageError(str(e)) from None
+    parser = serve_parser()
+    parser.prog, parser.usage = "warmpod up", "warmpod up SOURCE --model NAME [options] -- [warmpod serve options]"
+    serve = parser.parse_args(["--model", args.model, "--store", str(args.store), *serve_args])  # exit 2 if bad
+    return UpConfig(
+        source=args.source,
+        model=args.model,
+        store=args.store,
+        policy=policy,
+        host=args.host,
+        port=args.port,
+        interval_s=args.interval,
+        watch_s=args.watch,
+        status_port=args.status_port,
+        serve_args=tuple(serve_args),
+        drain_grace_s=serve.drain_grace,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    split = args_list.index("--") if "--" in args_list else len(args_list)
+    args = build_parser().parse_args(args_list[:split])
+    try:
+        config = config_from_args(args, args_list[split + 1 :])
+    except UsageError as e:
+        print(f"warmpod up: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from server.supervisor import Supervisor
+
+    try:
+        return asyncio.run(Supervisor(config).run())
+    except KeyboardInterrupt:  # before the supervisor's own handler was installed
+        return 0

@@ -1,0 +1,401 @@
+"""`warmpod up`: invalid settings refused before anything starts; the supervisor scaling real workers 1 → 2 → 1 on
+the latency SLO under a real load with zero failed requests; unreadable metrics → unknown (logged once), never a
+scale-down; and the serving flag it relies on (`--metrics-port` with `--reuse-port`: join when ready, leave first)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from server.autoscale import PolicyConfig
+from server.metrics import ServerMetrics
+from server.supervisor import METRICS_LINE, Supervisor, UpConfig, Worker
+from tests.cliutil import cli_env
+from tests.modelgen import write_slow_dir
+from tests.servers import ServerStartError, wait_until
+from tests.serverutil import http, stage
+
+SLOW = "tests.server.factories:slow"
+INFER = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [[1, 2, 3, 4]]}]}
+
+
+def up_cmd(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "warmpod", "up", *map(str, args)]
+
+
+# ------------------------------------------------------------------------------------------ bad settings
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--min-replicas", "3", "--max-replicas", "2"], "--min-replicas 3 is more than --max-replicas 2"),
+        (["--stable-window", "-1"], "--stable-window must not be negative, got -1.0"),
+        (["--scale-down-window", "-5"], "--scale-down-window must not be negative, got -5.0"),
+        (["--slo-quantile", "1.5"], r"--slo-quantile must be in (0, 1), got 1.5"),
+        (["--slo-target-ms", "0"], "--slo-target-ms must be positive, got 0"),
+        (["--min-replicas", "0"], "--min-replicas must be at least 1, got 0"),
+        (["--interval", "0"], "--interval must be a positive number of seconds, got 0"),
+        (["--", "--port", "9000"], "--port is set by warmpod up: give it before --, to warmpod up itself"),
+        (["--", "--workers", "0"], "argument --workers: must be at least 1, got 0"),
+    ],
+)
+def test_invalid_settings_exit_2_before_anything_starts(tmp_path: Path, args: list[str], message: str) -> None:
+    store = tmp_path / "store"
+    proc = subprocess.run(
+        up_cmd(tmp_path / "missing-source", "--model", "m", "--store", store, "--port", "0", *args),
+        env=cli_env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert f"warmpod up: error: {message}" in proc.stderr
+    assert not store.exists()  # nothing was started: no loader ran
+
+
+def test_a_taken_port_exits_2_before_anything_starts(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            up_cmd(tmp_path / "src", "--model", "m", "--store", tmp_path / "store", "--port", port),
+            env=cli_env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert f"warmpod up: error: cannot listen on 127.0.0.1:{port}: Address already in use" in proc.stderr
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_failing_loader_stops_everything_with_its_exit_code(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        up_cmd(tmp_path / "no-such-model", "--model", "m", "--store", tmp_path / "store", "--port", "0"),
+        env=cli_env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr  # the loader's "source not found"
+    assert "warmpod load exited 3" in proc.stderr
+    assert "w1 stopped" in proc.stderr  # the worker started alongside the load was drained, not left behind
+
+
+def test_a_worker_that_cannot_start_stops_everything_with_its_exit_code(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        up_cmd(write_slow_dir(tmp_path / "src", sleep_s=0.01), "--model", "slow", "--store", tmp_path / "store",
+               "--port", "0", "--", "--factory", "tests.server.factories:broken"),
+        env=cli_env(), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 5, proc.stderr  # the server's "invalid model": restarting it would not help
+    assert "w1 exited 5 before it was ready" in proc.stderr
+    assert "[w1] warmpod serve: error:" in proc.stderr and "this factory always fails" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ unknown replicas
+
+
+class FakeProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid, self.returncode = pid, None
+        self.signals: list[int] = []
+
+    def send_signal(self, sig: int) -> None:
+        self.signals.append(sig)
+
+    def kill(self) -> None:
+        self.signals.append(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        raise AssertionError("not used")
+
+
+class FakeWorkerMetrics:
+    """Two workers' /metrics as the real server writes them (ServerMetrics → generate_latest), each tick serving
+    10 requests of 10 ms; or, for the broken one, an error or garbage."""
+
+    def __init__(self) -> None:
+        self.metrics = {port: ServerMetrics(CollectorRegistry()) for port in (9001, 9002)}
+        for m in self.metrics.values():
+            m.workers.set(1)
+        self.broken: Exception | str | None = None
+
+    def serve_a_tick(self) -> None:
+        for m in self.metrics.values():
+            for _ in range(10):
+                m.request_seconds.labels("slow", "infer", "200").observe(0.012)
+                m.batch_seconds.labels("slow").observe(0.01)
+
+    async def get(self, url: str) -> tuple[int, str]:
+        port = int(re.search(r":(\d+)/", url).group(1))  # type: ignore[union-attr]
+        if port == 9002 and isinstance(self.broken, Exception):
+            raise self.broken
+        if port == 9002 and isinstance(self.broken, str):
+            return 200, self.broken
+        return 200, generate_latest(self.metrics[port].registry).decode()
+
+
+def test_unreadable_metrics_make_a_replica_unknown_never_a_scale_down(caplog: pytest.LogCaptureFixture) -> None:
+    """Light load on two workers: the policy would go down to one, but not while w2's metrics are unreadable
+    (refused, garbage, another program's metrics, HTTP 500): w2 is unknown, logged once; no crash. Once w2 is
+    readable again, the scale-down happens."""
+    policy = PolicyConfig(max_replicas=2, stable_window_s=2, panic_window_s=1, scale_down_window_s=1)
+    config = UpConfig(source="unused", model="slow", store=Path("/nonexistent"), policy=policy)
+    fake, now = FakeWorkerMetrics(), [0.0]
+    supervisor = Supervisor(config, clock=lambda: now[0], http_get=fake.get)
+    w1, w2 = FakeProcess(101), FakeProcess(102)
+    supervisor.workers = [Worker("w1", w1, 0.0, "ready", 9001), Worker("w2", w2, 1.0, "ready", 9002)]
+    supervisor.target = 2
+
+    async def ticks(n: int) -> list[dict[str, Any]]:
+        out = []
+        for _ in range(n):
+            now[0] += 1.0
+            fake.serve_a_tick()
+            await supervisor.tick()
+            out.append(supervisor.status())
+        return out
+
+    async def scenario() -> None:
+        caplog.set_level(logging.INFO, "warmpod.up")
+        fake.broken = aiohttp.ClientConnectionError("Connection refused")
+        statuses = await ticks(3)
+        for broken in ("garbage\x00{", "# TYPE other counter\nother_total 1\n", OSError("unreachable")):
+            fake.broken = broken
+            statuses += await ticks(2)
+        assert all(s["replicas"] == 2 and s["unknown"] == ["w2"] for s in statuses), statuses
+        assert "no scale-down while w2 is unknown" in statuses[-1]["decision"]
+        assert w2.signals == [] and w1.signals == []
+        warnings = [r.getMessage() for r in caplog.records if "metrics unreadable" in r.getMessage()]
+        assert len(warnings) == 1, warnings  # once per change of state, not every tick
+        assert warnings[0].startswith("w2: metrics unreadable (http://127.0.0.1:9002/metrics unreachable")
+        fake.broken = None
+        statuses = await ticks(3)
+        assert statuses[-1]["unknown"] == [] and statuses[-1]["replicas"] == 1, statuses
+        assert w2.signals == [signal.SIGTERM] and w1.signals == []  # the newest one drains
+        assert any(r.getMessage() == "w2: metrics readable again" for r in caplog.records)
+
+    asyncio.run(scenario())
+
+
+def test_a_non_warmpod_metrics_page_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    config = UpConfig(source="unused", model="slow", store=Path("/nonexistent"), policy=PolicyConfig(max_replicas=2))
+    fake = FakeWorkerMetrics()
+    fake.broken = "# TYPE other counter\nother_total 1\n"
+    supervisor = Supervisor(config, http_get=fake.get)
+    worker = Worker("w2", FakeProcess(1), 0.0, "ready", 9002)
+    result = asyncio.run(supervisor.scrape(worker))
+    assert isinstance(result, str) and result.startswith("not a warmpod server's metrics at http://127.0.0.1:9002")
+
+
+# ------------------------------------------------------------------------------------------ the serving flag
+
+
+def test_serve_with_metrics_port_joins_the_shared_port_when_ready_and_leaves_it_first(tmp_path: Path) -> None:
+    from tests.servers import free_port
+
+    store, port = tmp_path / "store", free_port()
+    shared = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "warmpod", "serve", "--model", "slow", "--store", str(store), "--port", str(port),
+           "--reuse-port", "--metrics-port", "0", "--factory", SLOW]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=cli_env(), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        found: list[int] = []
+
+        def metrics_port() -> bool:
+            if proc.poll() is not None:
+                raise ServerStartError(log_path.read_text())
+            match = METRICS_LINE.search(log_path.read_text())
+            found[:] = [int(match.group(1))] if match else []
+            return bool(found)
+
+        wait_until(metrics_port, timeout=60, what="warmpod serve --metrics-port", interval=0.02)
+        private = f"http://127.0.0.1:{found[0]}"
+        assert http("GET", private + "/v2/health/live")[0] == 200
+        assert http("GET", private + "/v2/health/ready")[0] == 503
+        with pytest.raises(OSError):  # not ready: not on the shared port, so a sibling would get the connection
+            http("GET", shared + "/v2/health/live", timeout=5)
+        stage(write_slow_dir(tmp_path / "src", sleep_s=0.5), store, "slow")
+        wait_until(lambda: http("GET", private + "/v2/health/ready")[0] == 200, timeout=60, what="ready")
+        wait_until(lambda: "listening on" in log_path.read_text(), timeout=10, what="joined")
+        body = json.dumps(INFER).encode()
+        in_flight: list[int] = []
+        request = threading.Thread(target=lambda: in_flight.append(http("POST", shared + "/v2/models/slow/infer",
+                                                                         body)[0]))  # fmt: skip
+        request.start()
+        time.sleep(0.2)  # the 0.5 s forward is running
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        with pytest.raises(OSError):  # left the shared port at once: new connections go to the others
+            http("GET", shared + "/v2/health/live", timeout=5)
+        request.join(10)
+        assert in_flight == [200]  # ... and the request in flight was finished
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+class Traffic:
+    """`clients` threads, each sending one inference request at a time on a new connection (so SO_REUSEPORT spreads
+    them over the workers), pausing `pause_s` between requests, until stop() or `max_seconds`."""
+
+    def __init__(self, url: str, clients: int, pause_s: float = 0.0, max_seconds: float = 60) -> None:
+        self.url, self.pause_s, self.deadline = url, pause_s, time.monotonic() + max_seconds
+        self.results: list[tuple[float, float, int | str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def start(self) -> Traffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> list[tuple[float, float, int | str]]:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+        return self.results
+
+    def _client(self) -> None:
+        body = json.dumps(INFER).encode()
+        while not self._stop.is_set() and time.monotonic() < self.deadline:
+            sent = time.monotonic()
+            try:
+                status: int | str = http("POST", self.url, body, {"Content-Type": "application/json"}, timeout=30)[0]
+            except OSError as e:
+                status = type(e).__name__
+            self.results.append((sent, time.monotonic(), status))
+            self._stop.wait(self.pause_s)
+
+
+class Up:
+    """`warmpod up` as a child process; its URLs read back from its first line."""
+
+    def __init__(self, tmp_path: Path, *args: str | Path) -> None:
+        self.log_path = tmp_path / "up.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(up_cmd(*args), env=cli_env(), stdout=log, stderr=log,
+                                         stdin=subprocess.DEVNULL)  # fmt: skip
+        wait_until(self._started, timeout=30, what="warmpod up", interval=0.02, diagnostics=self.log)
+
+    def _started(self) -> bool:
+        if self.proc.poll() is not None:
+            raise ServerStartError(f"warmpod up exited {self.proc.returncode}:\n{self.log()}")
+        match = re.search(r"on (http://[\d.]+:\d+) with .*; status on (http://\S+/status)", self.log())
+        if match:
+            self.url, self.status_url = match.groups()
+        return match is not None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def status(self) -> dict[str, Any]:
+        status, _, body = http("GET", self.status_url, timeout=5)
+        assert status == 200
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+    def wait_status(self, what: str, predicate: Any, timeout: float) -> float:
+        started = time.monotonic()
+        wait_until(lambda: predicate(self.status()), timeout=timeout, what=what, interval=0.1,
+                   diagnostics=lambda: f"{self.status()}\n{self.log()[-6000:]}")  # fmt: skip
+        return time.monotonic() - started
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def test_a_worker_that_dies_is_replaced_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    """With a watching loader (a sidecar that keeps running): a worker killed by SIGKILL is replaced; Ctrl-C drains
+    the worker and stops the loader, exit 0."""
+    src = write_slow_dir(tmp_path / "src", sleep_s=0.01)
+    up = Up(tmp_path, src, "--model", "slow", "--store", tmp_path / "store", "--port", "0", "--max-replicas", "1",
+            "--interval", "0.5", "--watch", "0.5", "--", "--factory", SLOW)  # fmt: skip
+    try:
+        up.wait_status("one ready worker", lambda s: s["ready"] == 1, timeout=60)
+        first = up.status()["workers"][0]
+        os.kill(first["pid"], signal.SIGKILL)
+        up.wait_status("a replacement", lambda s: [(w["name"], w["phase"]) for w in s["workers"]] == [("w2", "ready")],
+                       timeout=60)  # fmt: skip
+        assert http("POST", up.url + "/v2/models/slow/infer", json.dumps(INFER).encode())[0] == 200
+        replacement = up.status()["workers"][0]
+        up.proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert up.proc.wait(60) == 0
+    finally:
+        up.stop()
+    log = up.log()
+    assert "w1 exited unexpectedly (code -9); starting a replacement" in log
+    assert "w2 stopped (exit 0)" in log and "stopped" in log.splitlines()[-1]
+    assert '"event": "stopped", "reason": "signal"' in log  # the watching loader, stopped by warmpod up
+    with pytest.raises(ProcessLookupError):
+        os.kill(replacement["pid"], 0)
+
+
+def test_scales_1_to_2_when_the_slo_breaks_under_load_and_back_to_1_with_zero_failed_requests(tmp_path: Path) -> None:
+    """A 30 ms forward with one forward at a time: one worker and 9 clients is ~270 ms per request (target 200 ms).
+    The supervisor starts a second worker; once the heavy clients stop, the light one (under one worker's capacity)
+    keeps running while it drains the second. Every request of both transitions is a 200."""
+    src = write_slow_dir(tmp_path / "src", sleep_s=0.03)
+    policy = ("--max-replicas", "2", "--slo-target-ms", "200", "--interval", "0.5", "--stable-window", "4",
+              "--panic-window", "1", "--scale-down-window", "3")  # fmt: skip
+    serve = ("--factory", SLOW, "--max-batch-size", "1", "--drain-grace", "10")
+    up = Up(tmp_path, src, "--model", "slow", "--store", tmp_path / "store", "--port", "0", *policy, "--", *serve)
+    heavy = light = None
+    try:
+        up.wait_status("one ready worker", lambda s: s["ready"] == 1, timeout=60)
+        infer = up.url + "/v2/models/slow/infer"
+        light = Traffic(infer, clients=1, pause_s=0.15).start()
+        heavy = Traffic(infer, clients=8).start()
+        scale_up = up.wait_status("2 ready workers", lambda s: s["ready"] == 2, timeout=30)
+        status = up.status()
+        assert status["replicas"] == 2 and "panic" in status["decision"], status
+        second = next(w for w in status["workers"] if w["name"] == "w2")
+        time.sleep(2)  # the second worker takes its share of the new connections
+        _, _, metrics = http("GET", f"http://127.0.0.1:{second['metrics_port']}/metrics")
+        served = re.search(rb'warmpod_request_duration_seconds_count\{code="200",endpoint="infer",model="slow"\} (\S+)',
+                           metrics)  # fmt: skip
+        assert served and float(served.group(1)) > 10, metrics.decode()
+        heavy_results = heavy.stop()
+        scale_down = up.wait_status("back to 1 worker", lambda s: s["replicas"] == 1 and len(s["workers"]) == 1,
+                                    timeout=40)  # fmt: skip
+        time.sleep(0.5)
+        light_results = light.stop()
+    finally:
+        for traffic in (heavy, light):
+            if traffic is not None:
+                traffic.stop()
+        up.stop()
+    log = up.log()
+    assert up.proc.returncode == 0, log[-4000:]
+    results = heavy_results + light_results
+    failed = [r for r in results if r[2] != 200]
+    assert not failed, (failed[:10], len(results))
+    assert len(heavy_results) > 100 and len(light_results) > 20
+    assert re.search(r"draining w2 \(pid \d+\)", log) and "w2 stopped (exit 0)" in log, log[-4000:]
+    assert "w1 stopped (exit 0)" in log  # ... and on SIGTERM the last one drained too
+    print(f"scale-up {scale_up:.1f} s, scale-down {scale_down:.1f} s after the load, {len(results)} requests")
+    for pid in (w["pid"] for w in status["workers"]):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
