@@ -60,7 +60,7 @@ class UpConfig:
     policy: PolicyConfig
     host: str = "127.0.0.1"
     port: int = 8080
-    interval_s: float = 2.0
+    interval_s: float = 1.0
     watch_s: float | None = None  # the loader keeps watching the source (None: one load)
     status_port: int = 0
     serve_args: tuple[str, ...] = ()  # passed to every `warmpod serve`

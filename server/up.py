@@ -79,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--interval",
         type=float,
-        default=2.0,
+        default=1.0,
         metavar="SECONDS",
-        help="seconds between scrapes and decisions (default 2)",
+        help="seconds between scrapes and decisions (default 1: a spike fills queues in about a second)",
     )
     p.add_argument("--stable-window", type=float, default=60.0, metavar="SECONDS", help="demand averaged over (60)")
     p.add_argument("--panic-window", type=float, default=6.0, metavar="SECONDS", help="bursts averaged over (6)")
