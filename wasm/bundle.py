@@ -155,15 +155,18 @@ def bert_graph(config: BertConfig, settings: SentenceSettings) -> Graph:
     return Graph("bert", config_out, tuple(tensors))
 
 
+def mlp_config_json(config: Mapping[str, Any]) -> dict[str, Any]:
+    """An MLP bundle's `config` (layer `sizes`) as the config.json the MLP family reads (input/hidden/output sizes)."""
+    sizes = config.get("sizes")
+    if not isinstance(sizes, list) or len(sizes) < 2:
+        raise ModelError(f"{MANIFEST}: config.sizes must list at least two layer sizes, got {sizes!r}")
+    return {"input_size": sizes[0], "hidden_sizes": sizes[1:-1], "output_size": sizes[-1], **config}
+
+
 def graph_of(kind: str, config: Mapping[str, Any]) -> Graph:
     """A bundle's graph from its edge.json `config` (the inverse of Graph.config); ModelError names what is wrong."""
     if kind == "mlp":
-        sizes = config.get("sizes")
-        if not isinstance(sizes, list) or len(sizes) < 2:
-            raise ModelError(f"{MANIFEST}: config.sizes must list at least two layer sizes, got {sizes!r}")
-        hidden = sizes[1:-1]
-        mlp = {"input_size": sizes[0], "hidden_sizes": hidden, "output_size": sizes[-1], **config}
-        return mlp_graph(mlp)
+        return mlp_graph(mlp_config_json(config))
     if kind == "bert":
         bert = BertConfig.from_json(config)
         pooling, normalize = config.get("pooling"), config.get("normalize")
@@ -424,6 +427,17 @@ def _sha256(path: Path) -> str:
 
 def is_bundle(path: Path) -> bool:
     return (path / MANIFEST).is_file()
+
+
+def bundle_name(path: Path) -> str:
+    """The model name a bundle serves (edge.json's `name`), else the directory's name (also for a model directory
+    or a manifest that cannot be read: loading the bundle reports that properly)."""
+    try:
+        manifest = read_json_object(path / MANIFEST, MANIFEST)
+    except ModelError:
+        manifest = None
+    name = (manifest or {}).get("name")
+    return str(name) if name else path.name
 
 
 def load_bundle(path: Path) -> Bundle:

@@ -14,7 +14,7 @@ from loader.plan import size_arg
 from loader.store import DEFAULT_ROOT
 from server.cli import add_serving_arguments, serve, serving_config
 from server.errors import ModelError
-from wasm.bundle import DTYPES, from_model, model_directory, staged_version, write_bundle
+from wasm.bundle import DTYPES, bundle_name, from_model, model_directory, staged_version, write_bundle
 from wasm.host import DEFAULT_CACHE, ENGINE_WASM, EngineError, compile_engine
 
 USAGE = "usage: warmpod edge {compile,serve} ...\n\nRun 'warmpod edge compile --help' or 'warmpod edge serve --help'."
@@ -110,21 +110,10 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"warmpod edge serve: error: {source} is not a directory (an edge bundle or a model directory)",
               file=sys.stderr)  # fmt: skip
         return 2
-    config = serving_config(args, model=_served_name(source), store=source)
+    config = serving_config(args, model=bundle_name(source), store=source)
     edge = EdgeConfig(source, args.engine, None if args.no_cache else args.cache_dir, args.max_memory, args.truncate)
     return asyncio.run(serve(config, reuse_port=args.reuse_port, model_task=edge_task(edge),
                              prog="warmpod edge serve", description=f"edge, {source}"))  # fmt: skip
-
-
-def _served_name(source: Path) -> str:
-    """The model name clients use: the bundle's recorded name, else the directory's."""
-    import json
-
-    try:
-        name = json.loads((source / "edge.json").read_text(encoding="utf-8")).get("name")
-    except (OSError, ValueError, AttributeError):
-        name = None
-    return str(name) if name else source.name
 
 
 def main(argv: Sequence[str] | None = None) -> int:

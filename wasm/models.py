@@ -5,7 +5,8 @@ from it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -14,8 +15,8 @@ from server.families.common import split_rows, stack_inputs
 from server.families.mlp_spec import MLPInterface
 from server.families.sentence import BertConfig, SentenceSettings, TextEncoder
 from server.model import Prepared, ServedModel
-from wasm.bundle import Bundle
-from wasm.host import EngineError, EngineInterrupted, EnginePool
+from wasm.bundle import Bundle, mlp_config_json
+from wasm.host import EngineError, EngineInstance, EngineInterrupted, EnginePool
 
 
 def engine_failure(e: EngineError) -> ServerError:
@@ -25,7 +26,36 @@ def engine_failure(e: EngineError) -> ServerError:
     return ServerError(str(e))
 
 
-class EdgeEncoder(TextEncoder):
+class OnEngine(ServedModel):
+    """What both edge families share: the pool of engine instances, a guest call turned into the server's errors,
+    and closing."""
+
+    pool: EnginePool | None = None
+
+    @contextlib.contextmanager
+    def engine(self) -> Iterator[EngineInstance]:
+        """One worker's instance for the duration of a batch."""
+        if self.pool is None:
+            raise ModelError(f"model {self.name!r} is closed")
+        with self.pool.instance() as instance:
+            yield instance
+
+    @staticmethod
+    def forward(engine: EngineInstance, rows: int, seq: int) -> None:
+        """`wp_run` on the inputs already in guest memory; a failure becomes a 504 (deadline) or a 500."""
+        try:
+            engine.run(rows, seq)
+        except EngineError as e:
+            raise engine_failure(e) from None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        self.pool = None
+        super().close()
+
+
+class EdgeEncoder(OnEngine, TextEncoder):
     """Texts → embeddings on the engine: tokenized on the host exactly as the torch server does."""
 
     def __init__(self, bundle: Bundle, pool: EnginePool, version: str, *, truncate: bool | None = None) -> None:
@@ -42,15 +72,13 @@ class EdgeEncoder(TextEncoder):
         except Exception as e:  # the tokenizers library raises plain Exception subclasses
             raise ModelError(f"{bundle.tokenizer} cannot be loaded: {e}") from None
         super().__init__(bundle.name, version, None, config, settings, tokenizer, truncate=truncate)
-        self.pool: EnginePool | None = pool
+        self.pool = pool
 
     def run(self, batch: Sequence[Prepared]) -> list[dict[str, np.ndarray]]:
-        if self.pool is None:
-            raise ModelError(f"model {self.name!r} is closed")
         sequences: list[list[int]] = [seq for p in batch for seq in p.data]
         hidden = self.config.hidden_size
         rows, seq = len(sequences), max(map(len, sequences))
-        with self.pool.instance() as engine:
+        with self.engine() as engine:
             # One guest call for the whole batch: the engine computes real tokens only, so padding costs nothing
             # there and the server's grouping by length is not needed.
             in_ptr, out_ptr = engine.buffers(2 * rows * seq * 4, rows * hidden * 4)
@@ -61,51 +89,28 @@ class EdgeEncoder(TextEncoder):
                 inputs[0, row, : len(tokens)] = tokens
                 inputs[1, row, : len(tokens)] = 1
             del inputs  # guest memory may move during the call
-            try:
-                engine.run(rows, seq)
-            except EngineError as e:
-                raise engine_failure(e) from None
+            self.forward(engine, rows, seq)
             embeddings = engine.view(out_ptr, np.float32, (rows, hidden)).copy()
         return split_rows(batch, {"embedding": embeddings})
 
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-        self.pool = None
-        super().close()
 
-
-class EdgeMLP(MLPInterface):
+class EdgeMLP(OnEngine, MLPInterface):
     """An MLP / classifier on the engine (softmax / sigmoid computed in the guest too)."""
 
     def __init__(self, bundle: Bundle, pool: EnginePool, version: str) -> None:
-        config = bundle.graph.config
-        sizes = config["sizes"]
-        mlp = {"input_size": sizes[0], "hidden_sizes": sizes[1:-1], "output_size": sizes[-1], **config}
-        super().__init__(bundle.name, version, None, mlp)
-        self.pool: EnginePool | None = pool
+        super().__init__(bundle.name, version, None, mlp_config_json(bundle.graph.config))
+        self.pool = pool
 
     def run(self, batch: Sequence[Prepared]) -> list[dict[str, np.ndarray]]:
-        if self.pool is None:
-            raise ModelError(f"model {self.name!r} is closed")
         (x,) = stack_inputs(batch, ["input"])
         rows, out = x.shape[0], self.output_size
         outputs = 2 if self.output_activation else 1
-        with self.pool.instance() as engine:
+        with self.engine() as engine:
             in_ptr, out_ptr = engine.buffers(x.size * 4, outputs * rows * out * 4)
             engine.view(in_ptr, np.float32, x.shape)[...] = x
-            try:
-                engine.run(rows, 0)
-            except EngineError as e:
-                raise engine_failure(e) from None
+            self.forward(engine, rows, 0)
             result = engine.view(out_ptr, np.float32, (outputs, rows, out)).copy()
         return self.finish(batch, result[0], result[1] if self.output_activation else None)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-        self.pool = None
-        super().close()
 
 
 def edge_model(bundle: Bundle, pool: EnginePool, *, truncate: bool | None = None) -> ServedModel:
