@@ -222,7 +222,7 @@ class Supervisor:
             process = await asyncio.create_subprocess_exec(
                 *self.config.worker_command(self.port), stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, process_group=0,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )  # fmt: skip
             worker = Worker(name, process, self.clock())
             self.workers.append(worker)
@@ -278,7 +278,7 @@ class Supervisor:
     async def _run_loader(self) -> None:
         self._loader = loader = await asyncio.create_subprocess_exec(
             *self.config.loader_command(), stdin=asyncio.subprocess.DEVNULL, process_group=0,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )  # fmt: skip
         code = await loader.wait()
         if self.stopping:
@@ -464,7 +464,12 @@ def reserve_port(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the supervisor dies, even by SIGKILL (Linux PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # loaded before any fork
+
+
+def die_with_parent() -> None:
+    """`preexec_fn` for children: in the child before exec, have the kernel SIGTERM it when the parent dies, even by
+    SIGKILL, when no cleanup of the parent can run (Linux PR_SET_PDEATHSIG; elsewhere nothing)."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import ctypes
 import dataclasses
 import html
 import json
@@ -56,6 +55,8 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 from aiohttp import ClientError, ClientSession, ClientTimeout, DummyCookieJar, TCPConnector, web
 from multidict import CIMultiDict
 from yarl import URL
+
+from server.supervisor import die_with_parent
 
 if TYPE_CHECKING:
     import s3fs
@@ -206,17 +207,6 @@ def s3_env(
     }
 
 
-_PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # loaded before any fork
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: have the kernel SIGTERM it if the parent dies, even by SIGKILL or
-    ``os._exit`` (pytest-timeout's thread method), when neither fixture teardown nor atexit can run."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _env_without_aws() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
 
@@ -354,7 +344,7 @@ class _Subprocess:
                 cwd=self.workdir,
                 env=env,
                 start_new_session=True,  # own process group: stop() signals exactly what we started
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,  # also when pytest-timeout kills the run (os._exit): no teardown runs
             )
         atexit.register(self._kill_quietly)
 
