@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the local cloud-storage emulators the gs:// and az:// tests run against (idempotent):
+# Installs the local cloud-storage emulators the gs:// and az:// tests run against, and the CRD validators the
+# deploy tests use (idempotent):
 #   gcp-storage-emulator (PyPI, pure Python) for Google Cloud Storage,
 #   Azurite (npm) for Azure Blob, into .ci/node (tests look for .ci/node/node_modules/.bin/azurite-blob).
 set -euo pipefail
@@ -22,13 +23,26 @@ if [ "$(installed_version gcp-storage-emulator)" != "$GCS_EMULATOR_VERSION" ]; t
   "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -c constraints.txt "gcp-storage-emulator==$GCS_EMULATOR_VERSION"
 fi
 
-azurite_pkg=.ci/node/node_modules/azurite/package.json
-have_azurite=$(node -p "require('./$azurite_pkg').version" 2>/dev/null || true)
-if [ "$have_azurite" != "$AZURITE_VERSION" ]; then
+# npm packages, installed together into .ci/node (one `npm install`, so none removes another):
+#   Azurite, the Azure Blob emulator; and the validators generated from the Prometheus operator's and KEDA's CRD
+#   schemas (kubernetes-models), which tests/deploy uses for the PodMonitor and the ScaledObject.
+NPM_PACKAGES=(
+  "azurite@$AZURITE_VERSION"
+  "@kubernetes-models/prometheus-operator@6.0.0"
+  "@kubernetes-models/keda@2.0.0"
+)
+missing=()
+for spec in "${NPM_PACKAGES[@]}"; do
+  name=${spec%@*}
+  want=${spec##*@}
+  have=$(node -p "require('./.ci/node/node_modules/$name/package.json').version" 2>/dev/null || true)
+  [ "$have" = "$want" ] || missing+=("$spec")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
   if ! command -v npm >/dev/null; then
-    echo "install-emulators: npm not found; az:// emulator tests will be skipped" >&2
+    echo "install-emulators: npm not found; az:// emulator tests are skipped, CRD validation tests fail" >&2
     exit 0
   fi
   mkdir -p .ci/node
-  npm install --prefix .ci/node --no-audit --no-fund --save-exact --loglevel=error "azurite@$AZURITE_VERSION" </dev/null
+  npm install --prefix .ci/node --no-audit --no-fund --save-exact --loglevel=error "${NPM_PACKAGES[@]}" </dev/null
 fi
