@@ -13,8 +13,10 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from tests.deploy.dockerfile import final_stage
 from tests.deploy.manifests import (
     RENDERABLE,
+    REPO,
     Doc,
     containers,
     crd_problems,
@@ -253,3 +255,19 @@ def test_crd_validation_rejects_a_wrong_type(rendered: dict[str, list[Doc]]) -> 
         "PodMonitor/warmpod: data/spec/podMetricsEndpoints/0/port must be string",
         "ScaledObject/warmpod: data/spec/minReplicaCount must be integer",
     ]
+
+
+@pytest.mark.parametrize("name", ["base", "pvc", "image-volume", "edge"])
+def test_containers_run_as_their_image_user_and_write_only_its_volumes(
+    rendered: dict[str, list[Doc]], name: str
+) -> None:
+    """The pod and the image agree: the UID the pod enforces is the image's USER, and the writable mounts (the
+    read-only root filesystem leaves nothing else) are exactly the image's declared VOLUMEs."""
+    workload = next(d for d in rendered[name] if d["kind"] in ("Deployment", "DaemonSet"))
+    pod = workload["spec"]["template"]["spec"]
+    for c in containers(pod).values():
+        image = c.spec["image"].rsplit("/", 1)[1].split(":")[0]  # ghcr.io/warmpod/loader:0.1.0 -> loader
+        stage = final_stage(REPO / "images" / image / "Dockerfile")
+        assert stage.user == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+        writable = {m["mountPath"] for m in c.spec["volumeMounts"] if not m.get("readOnly")}
+        assert writable == set(stage.volumes), c.name
