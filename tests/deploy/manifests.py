@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.deploy.pod import config_maps, expand, resolve_env
+
 REPO = Path(__file__).parents[2]
 DEPLOY = REPO / "deploy"
 NODE_MODULES = REPO / ".ci" / "node" / "node_modules"
@@ -119,20 +121,14 @@ def containers(pod: Doc) -> dict[str, Container]:
     return {c.name: c for c in init + [Container(c, False) for c in pod["containers"]]}
 
 
-def config_values(docs: Iterable[Doc]) -> dict[str, dict[str, str]]:
-    return {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
-
-
-def expand_args(container: Doc, configmaps: Mapping[str, Mapping[str, str]]) -> list[str]:
-    """The container's args with $(VAR) replaced by its literal or ConfigMap-sourced env (enough to parse them)."""
-    env: dict[str, str] = {}
-    for e in container.get("env", []):
-        ref = e.get("valueFrom", {}).get("configMapKeyRef")
-        env[e["name"]] = configmaps[ref["name"]][ref["key"]] if ref else e.get("value", "")
-    return [
-        re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), a)
-        for a in container["args"]
-    ]
+def container_args(container: Doc, configmaps: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """The container's args with $(VAR) expanded as the kubelet does (enough to parse them); the Secrets it reads
+    are not in a render and stand in empty."""
+    secrets: dict[str, dict[str, str]] = {
+        e["secretRef"]["name"]: {} for e in container.get("envFrom", []) if "secretRef" in e
+    }
+    env = resolve_env(container, configmaps, secrets)
+    return [expand(str(a), env) for a in container["args"]]
 
 
 def parse_command(args: list[str]) -> tuple[str, argparse.Namespace]:
@@ -201,7 +197,7 @@ def probe_and_port_problems(pod: Doc, configmaps: Mapping[str, Mapping[str, str]
     of that process; the process binds all interfaces (the kubelet probes the pod IP)."""
     problems = []
     for c in containers(pod).values():
-        command, ns = parse_command(expand_args(c.spec, configmaps))
+        command, ns = parse_command(container_args(c.spec, configmaps))
         declared = {p["containerPort"] for p in c.spec.get("ports", [])}
         if ns.port not in declared:
             problems.append(f"{where}: container {c.name} listens on --port {ns.port}, not a declared containerPort")
@@ -244,13 +240,13 @@ def store_problems(pod: Doc, configmaps: Mapping[str, Mapping[str, str]], where:
             continue
         if bool(mount.get("readOnly")) != read_only:
             problems.append(f"{where}: {c.name} must mount the store {'read-only' if read_only else 'read-write'}")
-        _, ns = parse_command(expand_args(c.spec, configmaps))
+        _, ns = parse_command(container_args(c.spec, configmaps))
         if str(ns.store) != mount["mountPath"]:
             problems.append(f"{where}: {c.name} uses --store {ns.store} but mounts the store at {mount['mountPath']}")
     if problems:
         return problems
-    _, load = parse_command(expand_args(loader.spec, configmaps))
-    _, serve = parse_command(expand_args(server.spec, configmaps))
+    _, load = parse_command(container_args(loader.spec, configmaps))
+    _, serve = parse_command(container_args(server.spec, configmaps))
     if load.model != serve.model:
         problems.append(f"{where}: loader --model {load.model} and server --model {serve.model} differ")
     if load.watch is None:
@@ -270,7 +266,7 @@ def shutdown_problems(
 ) -> list[str]:
     """terminationGracePeriodSeconds covers the server's preStop sleep, its drain and the sidecar's stop."""
     server = containers(pod)["server"]
-    _, ns = parse_command(expand_args(server.spec, configmaps))
+    _, ns = parse_command(container_args(server.spec, configmaps))
     pre_stop = server.spec.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     needed = pre_stop + ns.drain_grace + sidecar_s
     grace = pod.get("terminationGracePeriodSeconds", 30)
@@ -327,7 +323,7 @@ def pod_problems(docs: list[Doc], where: str) -> list[str]:
     if workload is None:
         return [f"{where}: no Deployment or DaemonSet"]
     pod = workload["spec"]["template"]["spec"]
-    cms = config_values(docs)
+    cms = config_maps(docs)
     problems = security_problems(pod, where) + probe_and_port_problems(pod, cms, where) + wiring_problems(docs, where)
     if workload["kind"] == "Deployment":
         problems += store_problems(pod, cms, where)

@@ -16,7 +16,6 @@ import pytest
 from tests.deploy.dockerfile import final_stage
 from tests.deploy.manifests import (
     RENDERABLE,
-    REPO,
     Doc,
     containers,
     crd_problems,
@@ -25,6 +24,7 @@ from tests.deploy.manifests import (
     pod_problems,
     render,
 )
+from tests.deploy.pod import dockerfile_for
 
 K8S = "1.35.0"
 
@@ -266,8 +266,7 @@ def test_containers_run_as_their_image_user_and_write_only_its_volumes(
     workload = next(d for d in rendered[name] if d["kind"] in ("Deployment", "DaemonSet"))
     pod = workload["spec"]["template"]["spec"]
     for c in containers(pod).values():
-        image = c.spec["image"].rsplit("/", 1)[1].split(":")[0]  # ghcr.io/warmpod/loader:0.1.0 -> loader
-        stage = final_stage(REPO / "images" / image / "Dockerfile")
+        stage = final_stage(dockerfile_for(c.spec["image"]))
         assert stage.user == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
         writable = {m["mountPath"] for m in c.spec["volumeMounts"] if not m.get("readOnly")}
         assert writable == set(stage.volumes), c.name
