@@ -145,15 +145,17 @@ def wait_until(
     what: str,
     interval: float = 0.05,
     diagnostics: Callable[[], str] | None = None,
-) -> None:
-    """Poll ``predicate`` until it returns True; raise :class:`ServerStartError` after ``timeout`` s.
+) -> float:
+    """Poll ``predicate`` until it returns True and return the seconds that took; raise :class:`ServerStartError`
+    after ``timeout`` s (a fixed monotonic deadline).
 
     ``predicate`` may raise :class:`ServerStartError` to give up early (e.g. the process died).
     """
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     while True:
         if predicate():
-            return
+            return time.monotonic() - started
         if time.monotonic() >= deadline:
             detail = diagnostics() if diagnostics else ""
             raise ServerStartError(f"{what} was not ready within {timeout:.0f}s" + (f"\n{detail}" if detail else ""))

@@ -29,8 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -526,25 +525,6 @@ class PodProcess:
 
     def mount_namespace(self) -> str:
         return os.readlink(f"/proc/{self.pid}/ns/mnt")
-
-
-def wait_for(
-    predicate: Callable[[], bool],
-    *,
-    timeout: float,
-    what: str,
-    interval: float = 0.05,
-    diagnostics: Callable[[], str] | None = None,
-) -> float:
-    """Poll `predicate` until true against a fixed monotonic deadline; return the seconds it took."""
-    started = time.monotonic()
-    deadline = started + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            detail = f"\n{diagnostics()}" if diagnostics is not None else ""
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{detail}")
-        time.sleep(interval)
-    return time.monotonic() - started
 
 
 if __name__ == "__main__":

@@ -62,9 +62,8 @@ from tests.deploy.pod import (
     replace_flag_value,
     resolve_env,
     to_make_read_only,
-    wait_for,
 )
-from tests.servers import FaultProxy, S3Bucket, S3Server, find_weed, free_ports
+from tests.servers import FaultProxy, S3Bucket, S3Server, find_weed, free_ports, wait_until
 from tests.serverutil import LoadThread, http, post_json
 
 OVERLAY = DEPLOY / "overlays" / "s3-compatible"
@@ -533,7 +532,7 @@ def phase_1_ready_after_the_sidecar_publishes(pod: Pod) -> np.ndarray:
         seen.append(pod.readiness())
         return seen[-1] == 200
 
-    took = wait_for(ready, timeout=FIRST_READY_S, what="the server's readiness", diagnostics=pod.logs)
+    took = wait_until(ready, timeout=FIRST_READY_S, what="the server's readiness", diagnostics=pod.logs)
     ready_at = time.time()
     if pod.isolation is None:  # each container in a mount namespace of its own (entered before its exec)
         ours = os.readlink("/proc/self/ns/mnt")
@@ -572,7 +571,7 @@ def phase_2_restarted_server_is_ready_in_seconds_without_a_download(pod: Pod, v1
     assert pod.readiness() is None  # nothing listens: the container is gone
 
     pod.server.start()  # the kubelet's restart: the identical command, env and mounts; the emptyDir survives
-    seconds = wait_for(
+    seconds = wait_until(
         lambda: pod.alive(pod.server) and pod.readiness() == 200,
         timeout=RESTART_READY_S,
         what="the restarted server's readiness",
@@ -599,10 +598,10 @@ def phase_3_new_version_hot_swapped_under_load(pod: Pod, v1: np.ndarray) -> None
     url = f"{pod.server_url}/v2/models/{pod.model}/infer"
     load = LoadThread(url, infer_payload([SENTENCE]), workers=2, max_requests=20000, max_seconds=SWAP_S).start()
     try:
-        wait_for(lambda: len(load.results) >= 10, timeout=30, what="the load to get going", diagnostics=pod.logs)
+        wait_until(lambda: len(load.results) >= 10, timeout=30, what="the load to get going", diagnostics=pod.logs)
         uploaded_at = time.monotonic()
         pod.bucket.upload_file(f"{pod.key}/model.safetensors", pod.v2_weights)  # a user uploads a new version
-        wait_for(
+        wait_until(
             lambda: pod.alive() and pod.metadata()["versions"] == ["2"],
             timeout=SWAP_S,
             what="the server to serve version 2",
@@ -613,7 +612,7 @@ def phase_3_new_version_hot_swapped_under_load(pod: Pod, v1: np.ndarray) -> None
         def served_by_v2() -> int:
             return sum(1 for r in list(load.results) if r[3] is not None and r[3].get("model_version") == "2")
 
-        wait_for(lambda: served_by_v2() >= 20, timeout=30, what="20 answers from version 2", diagnostics=pod.logs)
+        wait_until(lambda: served_by_v2() >= 20, timeout=30, what="20 answers from version 2", diagnostics=pod.logs)
     finally:
         results = load.stop()
 
@@ -669,7 +668,7 @@ def phase_4_termination_in_pod_order(pod: Pod) -> None:
 
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
-    wait_for(lambda: inflight(pod) > 0 or not sender.is_alive(), timeout=10, what="the request to be in flight")
+    wait_until(lambda: inflight(pod) > 0 or not sender.is_alive(), timeout=10, what="the request to be in flight")
     assert sender.is_alive(), f"the request ended before SIGTERM: {answer}"
     signalled = time.monotonic()
     pod.server.signal(signal.SIGTERM)
