@@ -44,16 +44,14 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import random
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,12 +60,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from serverproc import update_section  # noqa: E402
+from serverproc import MODEL_FILE, GiB, MiB, log, machine_line, temp_dir, update_section  # noqa: E402
 from servers_bench import NginxStatic, SeaweedS3  # noqa: E402
 
-MiB = 1 << 20
-GiB = 1 << 30
-MODEL_FILE = "model.safetensors"
 BUCKET = "warmpod-bench"
 S3_KEY = f"model/{MODEL_FILE}"
 MARK_START = "<!-- load_bench:start -->"
@@ -633,39 +628,9 @@ class Meta:
 
 
 def machine_notes() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = 0
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * 1024
-    shm = shutil.disk_usage("/dev/shm").total
-    import torch
-
-    return (
-        f"{os.cpu_count()} CPU cores ({cpu}), {mem / GiB:.1f} GiB RAM, /dev/shm tmpfs {shm / GiB:.1f} GiB; "
-        f"Linux {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
-        f"{package_versions()}"
-    )
-
-
-def package_versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = []
-    for pkg in ("safetensors", "s3fs", "runai-model-streamer"):
-        try:
-            out.append(f"{pkg} {version(pkg)}")
-        except PackageNotFoundError:
-            out.append(f"{pkg} (not installed)")
     curl = subprocess.run(["curl", "--version"], capture_output=True, text=True, check=False).stdout.split()
-    out.append(f"curl {curl[1] if len(curl) > 1 else '?'}")
-    return ", ".join(out)
+    packages = ("torch", "safetensors", "s3fs", "runai-model-streamer")
+    return f"{machine_line(packages)}, curl {curl[1] if len(curl) > 1 else '?'}"
 
 
 def fs_of(path: Path) -> str:
@@ -750,20 +715,6 @@ def plot(results: dict[str, ToolResult], model_bytes: int, png: Path, title: str
 
 
 # ----------------------------------------------------------------------------------------------- main
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def temp_dir(parent: Path, prefix: str, keep: bool = False) -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    try:
-        yield d
-    finally:
-        if not keep:
-            shutil.rmtree(d, ignore_errors=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

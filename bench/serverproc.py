@@ -511,8 +511,8 @@ def wait_quiet(max_load: float, timeout_s: float) -> tuple[bool, str]:
         time.sleep(15)
 
 
-def machine_line() -> str:
-    """CPU, RAM, /dev/shm, kernel and the versions that matter for these benchmarks, in one line."""
+def machine_line(packages: Sequence[str] = ("torch", "safetensors", "aiohttp", "boto3")) -> str:
+    """CPU, RAM, /dev/shm, kernel and the versions of `packages` (what a benchmark's numbers depend on), in one line."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
@@ -523,7 +523,7 @@ def machine_line() -> str:
     with contextlib.suppress(OSError), open("/proc/meminfo") as f:
         mem = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:")), 0)
     versions = []
-    for pkg in ("torch", "safetensors", "aiohttp", "boto3"):
+    for pkg in packages:
         try:
             versions.append(f"{pkg} {version(pkg)}")
         except PackageNotFoundError:
