@@ -60,7 +60,16 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from serverproc import MODEL_FILE, GiB, MiB, log, machine_line, temp_dir, update_section  # noqa: E402
+from serverproc import (  # noqa: E402
+    MODEL_FILE,
+    GiB,
+    MiB,
+    log,
+    machine_line,
+    temp_dir,
+    update_section,
+    wait_cpu_quiet,
+)
 from servers_bench import NginxStatic, SeaweedS3  # noqa: E402
 
 BUCKET = "warmpod-bench"
@@ -478,29 +487,9 @@ class Quiet:
     timeout_s: float
 
 
-def cpu_busy(window_s: float) -> float:
-    """Share of all CPUs busy (not idle or iowait) over `window_s`, from /proc/stat."""
-
-    def snap() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            vals = [int(x) for x in f.readline().split()[1:]]
-        return vals[3] + vals[4], sum(vals)
-
-    idle0, total0 = snap()
-    time.sleep(window_s)
-    idle1, total1 = snap()
-    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
-
-
 def wait_for_quiet(q: Quiet) -> float | None:
     """Block (bounded by q.timeout_s) until the machine is quiet; return the last busy share measured."""
-    if q.max_busy <= 0:
-        return None
-    deadline = time.monotonic() + q.timeout_s
-    busy = cpu_busy(0.5)
-    while busy > q.max_busy and time.monotonic() < deadline:
-        busy = cpu_busy(1.0)
-    return busy
+    return wait_cpu_quiet(q.max_busy, q.timeout_s) if q.max_busy > 0 else None
 
 
 def run_all(

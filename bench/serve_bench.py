@@ -63,7 +63,7 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(REPO))
 
-from serverproc import HOST, log, machine_line, update_section  # noqa: E402
+from serverproc import HOST, busy_cpu_seconds, log, machine_line, update_section, wait_cpu_quiet  # noqa: E402
 from servers_bench import free_ports, stop_process, tail  # noqa: E402
 
 MODEL = "all-MiniLM-L6-v2"
@@ -264,28 +264,6 @@ def group_cpu_seconds(pgid: int) -> float:
     return total
 
 
-def machine_cpu_seconds() -> float:
-    """CPU seconds all cores have spent busy (not idle, not iowait) since boot, from /proc/stat."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
-    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # user..steal, less idle and iowait
-
-
-def wait_for_quiet(max_busy: float, timeout_s: float) -> float:
-    """Block (bounded by timeout_s) until at most `max_busy` of all cores are busy; return the last share seen.
-
-    The machine is shared: a test suite or another benchmark running beside this one would be measured too.
-    """
-    cores = os.cpu_count() or 1
-    deadline = time.monotonic() + timeout_s
-    while True:
-        t0, busy0 = time.monotonic(), machine_cpu_seconds()
-        time.sleep(1.0)
-        busy = (machine_cpu_seconds() - busy0) / (time.monotonic() - t0) / cores
-        if busy <= max_busy or time.monotonic() >= deadline:
-            return busy
-
-
 # ----------------------------------------------------------------------------------------------- client
 
 
@@ -376,10 +354,10 @@ def measure(
     pgid: int,
     busy_before: float = float("nan"),
 ) -> Run:
-    cpu0, srv0, all0 = time.process_time(), group_cpu_seconds(pgid), machine_cpu_seconds()
+    cpu0, srv0, all0 = time.process_time(), group_cpu_seconds(pgid), busy_cpu_seconds()
     exchanges, errors, wall = asyncio.run(closed_loop(url, bodies, concurrency, max_requests, max_seconds))
     client_cpu, server_cpu = time.process_time() - cpu0, group_cpu_seconds(pgid) - srv0
-    other_cpu = max(0.0, machine_cpu_seconds() - all0 - client_cpu - server_cpu)
+    other_cpu = max(0.0, busy_cpu_seconds() - all0 - client_cpu - server_cpu)
     latencies = []
     for x in exchanges:
         why = check(x, reference)
@@ -428,7 +406,7 @@ def measure_server(spec: ServerSpec, plan: Plan, workdir: Path, tag: str) -> tup
             raise RuntimeError(f"warm-up failed: {warm.errors}")
         for c in plan.levels:
             for attempt in range(args.noisy_retries + 1):
-                busy = wait_for_quiet(args.max_busy, args.quiet_timeout) if args.max_busy > 0 else 0.0
+                busy = wait_cpu_quiet(args.max_busy, args.quiet_timeout) if args.max_busy > 0 else 0.0
                 run = measure(url, plan.bodies, plan.reference, c, args.requests, args.max_seconds, proc.pid, busy)
                 if run.other_cpu <= args.max_other or attempt == args.noisy_retries:
                     break

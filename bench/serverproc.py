@@ -480,6 +480,25 @@ def _busy_jiffies() -> int:
     return sum(cpu[:3]) + sum(cpu[5:7])  # user nice system + irq softirq (not idle, iowait, steal)
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (user, nice, system, irq, softirq: not idle, iowait or
+    steal), from /proc/stat."""
+    return _busy_jiffies() / os.sysconf("SC_CLK_TCK")
+
+
+def wait_cpu_quiet(max_busy: float, timeout_s: float) -> float:
+    """Block (bounded by timeout_s) until at most `max_busy` of all cores are busy over a second; return the last
+    share seen. The machine is shared: a test suite or another benchmark beside this one would be measured too."""
+    cores = os.cpu_count() or 1
+    deadline = time.monotonic() + timeout_s
+    while True:
+        t0, busy0 = time.monotonic(), busy_cpu_seconds()
+        time.sleep(1.0)
+        busy = (busy_cpu_seconds() - busy0) / (time.monotonic() - t0) / cores
+        if busy <= max_busy or time.monotonic() >= deadline:
+            return busy
+
+
 class OthersCpu:
     """How much CPU the rest of the machine used while we measured (everything but this process tree)."""
 
