@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.deploy.pod import config_maps, expand, resolve_env
+from tests.deploy.pod import PodSpecError, config_maps, container_port, expand, pod_containers, resolve_env
 
 REPO = Path(__file__).parents[2]
 DEPLOY = REPO / "deploy"
@@ -112,13 +112,13 @@ class Container:
     def mount(self, volume: str) -> Doc | None:
         return next((m for m in self.spec.get("volumeMounts", []) if m["name"] == volume), None)
 
-    def port(self, name: str) -> int | None:
-        return next((p["containerPort"] for p in self.spec.get("ports", []) if p.get("name") == name), None)
-
 
 def containers(pod: Doc) -> dict[str, Container]:
-    init = [Container(c, c.get("restartPolicy") == "Always") for c in pod.get("initContainers", [])]
-    return {c.name: c for c in init + [Container(c, False) for c in pod["containers"]]}
+    init = pod.get("initContainers", [])
+    return {
+        name: Container(spec, spec in init and spec.get("restartPolicy") == "Always")
+        for name, spec in pod_containers(pod).items()
+    }
 
 
 def container_args(container: Doc, configmaps: Mapping[str, Mapping[str, str]]) -> list[str]:
@@ -208,7 +208,11 @@ def probe_and_port_problems(pod: Doc, configmaps: Mapping[str, Mapping[str, str]
             probe = c.spec.get(kind, {}).get("httpGet")
             if probe is None:
                 continue
-            port = probe["port"] if isinstance(probe["port"], int) else c.port(probe["port"])
+            try:
+                port = container_port(c.spec, probe["port"])
+            except PodSpecError as e:
+                problems.append(f"{where}: {kind}: {e}")
+                continue
             if port != ns.port:
                 problems.append(f"{where}: {c.name} {kind} port {probe['port']} is not the --port {ns.port}")
             if probe["path"] not in routes:

@@ -208,10 +208,9 @@ def container_process(
     )
 
 
-def pod_containers(deployment: Doc) -> dict[str, Doc]:
-    """The pod template's initContainers and containers by name, in the order the kubelet starts them."""
-    spec = deployment["spec"]["template"]["spec"]
-    return {c["name"]: c for c in [*spec.get("initContainers", []), *spec["containers"]]}
+def pod_containers(pod: Doc) -> dict[str, Doc]:
+    """A pod spec's initContainers and containers by name, in the order the kubelet starts them."""
+    return {c["name"]: c for c in [*pod.get("initContainers", []), *pod["containers"]]}
 
 
 def config_maps(docs: Iterable[Doc]) -> dict[str, dict[str, str]]:

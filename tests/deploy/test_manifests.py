@@ -187,6 +187,10 @@ MISTAKES: dict[str, tuple[Callable[[list[Doc]], None], str]] = {
         lambda d: _server(d)["livenessProbe"]["httpGet"].update(port=9999),
         "server livenessProbe port 9999 is not the --port 8080",
     ),
+    "probe on an undeclared port name": (
+        lambda d: _server(d)["readinessProbe"]["httpGet"].update(port="metrics"),
+        "readinessProbe: container server: no port named 'metrics'",
+    ),
     "process listens elsewhere": (
         lambda d: _set_arg(_server(d), "--port", "9000"),
         "container server listens on --port 9000, not a declared containerPort",

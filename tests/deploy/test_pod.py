@@ -284,7 +284,7 @@ class Pod:
 
     @property
     def containers(self) -> dict[str, dict[str, Any]]:
-        return pod_containers({"spec": {"template": {"spec": self.manifest}}})
+        return pod_containers(self.manifest)
 
     def readiness(self) -> int | None:
         """The kubelet's readiness probe: the status of GET readinessProbe.path (None: no connection)."""
