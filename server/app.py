@@ -196,14 +196,17 @@ async def model_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def serve_model(app: web.Application) -> None:
-    """Wait for the loader's first version, build it, report ready; then follow new versions (hot swap).
+    """Run the model task (put the model in place, report ready, keep it current).
 
-    Anything unexpected stops the process with exit 1 and the error, rather than leaving it "not ready" forever.
+    A model that cannot be served (ModelError) stops the process with exit 5 and the reason; anything unexpected
+    with exit 1 and the error, rather than leaving it "not ready" forever.
     """
     try:
         await app[MODEL_TASK](app)
     except asyncio.CancelledError:
         raise
+    except ModelError as e:
+        app[STATE].stop(5, str(e))
     except Exception as e:
         log.exception("the model task failed")
         app[STATE].stop(1, f"serving {app[CONFIG].model!r} failed: {type(e).__name__}: {e}")
@@ -218,11 +221,7 @@ async def follow_store(app: web.Application) -> None:
     # ... and fault the weights' pages in meanwhile, so the warm-up forward does not pay a fault per page (measured:
     # no net gain on a 2-core VM at 4 GiB, see BENCHMARKS.md; on a swap it keeps the faults off the serving path).
     await asyncio.gather(torch_imported, asyncio.to_thread(staged.populate))
-    try:
-        model = await build(app, staged)
-    except ModelError as e:
-        state.stop(5, str(e))
-        return
+    model = await build(app, staged)
     mark_ready(app, model)
     watcher = VersionWatcher(config.store, config.model, seen=model.version)
     del model, staged  # this frame lives as long as the server: it must not keep a version mapped after a swap

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from server.app import CONFIG, STATE, ModelTask, load_timed, mark_ready
+from server.app import CONFIG, ModelTask, load_timed, mark_ready
 from server.errors import ModelError
 from server.model import ServedModel
 from server.tensors import Tensor
@@ -83,14 +83,10 @@ def edge_task(edge: EdgeConfig) -> ModelTask:
     """The model task for `create_app`: load the bundle once (bundles are immutable: nothing to follow)."""
 
     async def serve_edge(app: web.Application) -> None:
-        config, state = app[CONFIG], app[STATE]
-        try:
-            model = await load_timed(
-                app, lambda: load_edge(edge, workers=config.workers, deadline_s=config.request_timeout_s)
-            )
-        except ModelError as e:
-            state.stop(5, str(e))
-            return
+        config = app[CONFIG]
+        model = await load_timed(
+            app, lambda: load_edge(edge, workers=config.workers, deadline_s=config.request_timeout_s)
+        )
         mark_ready(app, model)
 
     return serve_edge
