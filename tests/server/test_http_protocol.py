@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 import tritonclient.http.aio as aio_httpclient
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tests.modelgen import mlp_reference, write_mlp_dir
-from tests.serverutil import WarmpodServer, http, post_json, stage
+from tests.serverutil import Scrape, WarmpodServer, http, post_json, stage
 
 LABELS = ["cat", "dog", "eel"]
 INFER = "/v2/models/mlp/infer"
@@ -401,7 +400,7 @@ def test_body_over_the_limit_gets_413_and_one_under_it_is_served(small_body_serv
         assert triton.infer("mlp", [small]).as_numpy("logits").shape == (1, 3)
     finally:
         triton.close()
-    metrics = Scrape(small_body_server)
+    metrics = Scrape(small_body_server.url)
     assert metrics.value("warmpod_requests_rejected_total", model="mlp", reason="too_large") == 2
     assert metrics.value("warmpod_request_duration_seconds_count", model="mlp", endpoint="infer", code="413") == 2
 
@@ -419,29 +418,6 @@ def test_still_serves_after_every_bad_request(server: WarmpodServer, mlp_src: Pa
 # ------------------------------------------------------------------------------------------ /metrics
 
 
-class Scrape:
-    """One GET /metrics, parsed by prometheus_client: families by name, sample values by name and labels."""
-
-    def __init__(self, server: WarmpodServer) -> None:
-        status, headers, body = http("GET", server.url + "/metrics")
-        assert status == 200 and headers["Content-Type"].startswith("text/plain")
-        self.families = {f.name: f for f in text_string_to_metric_families(body.decode())}
-        self.samples = [s for f in self.families.values() for s in f.samples]
-
-    def value(self, name: str, **labels: str) -> float | None:
-        found = [s.value for s in self.samples if s.name == name and s.labels == labels]
-        assert len(found) <= 1, (name, labels, found)
-        return found[0] if found else None
-
-    def buckets(self, family: str, **labels: str) -> dict[float, float]:
-        """le → cumulative count of one histogram series."""
-        return {
-            float(s.labels["le"]): s.value
-            for s in self.samples
-            if s.name == family + "_bucket" and {k: v for k, v in s.labels.items() if k != "le"} == labels
-        }
-
-
 def delta(after: Scrape, before: Scrape, name: str, **labels: str) -> float:
     return (after.value(name, **labels) or 0.0) - (before.value(name, **labels) or 0.0)
 
@@ -449,7 +425,7 @@ def delta(after: Scrape, before: Scrape, name: str, **labels: str) -> float:
 def test_metrics_count_requests_batches_and_rejections(server: WarmpodServer) -> None:
     rng = np.random.default_rng(21)
     n_ok, n_bad, n_missing = 6, 3, 2
-    before = Scrape(server)
+    before = Scrape(server.url)
     rows = 0
     for i in range(n_ok):
         x = rng.standard_normal((1 + i % 3, 4))
@@ -459,7 +435,7 @@ def test_metrics_count_requests_batches_and_rejections(server: WarmpodServer) ->
         assert post_json(server.url + INFER, {"id": "no inputs"})[0] == 400
     for _ in range(n_missing):
         assert post_json(server.url + "/v2/models/nope/infer", infer_body([[1, 2, 3, 4]]))[0] == 404
-    after = Scrape(server)
+    after = Scrape(server.url)
 
     types = {name: f.type for name, f in after.families.items()}
     assert types["warmpod_request_duration_seconds"] == "histogram"
@@ -564,10 +540,10 @@ async def run_clients(server: WarmpodServer, src: Path) -> list[str]:
 
 
 def test_concurrent_clients_each_get_their_own_rows(batching_server: WarmpodServer, mlp_src: Path) -> None:
-    before = Scrape(batching_server)
+    before = Scrape(batching_server.url)
     problems = asyncio.run(run_clients(batching_server, mlp_src))
     assert not problems, problems[:5]
-    after = Scrape(batching_server)
+    after = Scrape(batching_server.url)
 
     mlp = {"model": "mlp"}
     requests = CLIENTS * REQUESTS_PER_CLIENT

@@ -14,7 +14,8 @@ import pytest
 
 from tests.cliutil import cli_env
 from tests.modelgen import mlp_reference, write_mlp_dir, write_slow_dir
-from tests.serverutil import LoadThread, WarmpodServer, http, post_json, stage
+from tests.servers import wait_until
+from tests.serverutil import LoadThread, Scrape, WarmpodServer, http, post_json, stage
 
 SLOW = "tests.server.factories:slow"
 
@@ -190,9 +191,12 @@ def test_reuse_port_lets_two_servers_share_one_port(tmp_path: Path) -> None:
     ):
         assert first.port == second.port == int(port)
         # The kernel spreads connections over both, so readiness on the port says little: wait for both logs.
-        deadline = time.monotonic() + 60
-        while not all("ready: model mlp" in s.log() for s in (first, second)) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(
+            lambda: all("ready: model mlp" in s.log() for s in (first, second)),
+            timeout=60,
+            what="both servers' ready lines",
+            diagnostics=lambda: first.log()[-2000:] + second.log()[-2000:],
+        )
         assert all(http("GET", first.url + "/v2/health/ready")[0] == 200 for _ in range(20))
         # Without the flag the taken port is a clear error (exit 2), not a traceback.
         proc = subprocess.run(
@@ -223,7 +227,5 @@ def test_cold_start_metric_is_process_age_at_ready(tmp_path: Path) -> None:
     spawned = time.monotonic()
     with WarmpodServer(tmp_path / "store", "mlp", log_dir=tmp_path) as server:
         ready_seen = time.monotonic() - spawned
-        _, _, body = http("GET", server.url + "/metrics")
-        line = next(ln for ln in body.decode().splitlines() if ln.startswith("warmpod_cold_start_seconds{"))
-        cold = float(line.split()[-1])
+        (cold,) = [s.value for s in Scrape(server.url).samples if s.name == "warmpod_cold_start_seconds"]
         assert 0 < cold <= ready_seen + 0.05  # never more than what the test itself saw from spawn to ready
