@@ -113,15 +113,11 @@ def _pod(docs: list[Doc]) -> dict[str, Any]:
 
 
 def _loader(docs: list[Doc]) -> dict[str, Any]:
-    return next(c for c in _pod(docs)["initContainers"] if c["name"] == "loader")
+    return containers(_pod(docs))["loader"].spec
 
 
 def _server(docs: list[Doc]) -> dict[str, Any]:
-    return next(c for c in _pod(docs)["containers"] if c["name"] == "server")
-
-
-def _mount(container: dict[str, Any], volume: str) -> dict[str, Any]:
-    return next(m for m in container["volumeMounts"] if m["name"] == volume)
+    return containers(_pod(docs))["server"].spec
 
 
 def _set_arg(container: dict[str, Any], flag: str, value: str) -> None:
@@ -152,7 +148,7 @@ MISTAKES: dict[str, tuple[Callable[[list[Doc]], None], str]] = {
         "the store emptyDir needs a sizeLimit",
     ),
     "server mounts the store read-write": (
-        lambda d: _mount(_server(d), "store").pop("readOnly"),
+        lambda d: containers(_pod(d))["server"].mount("store").pop("readOnly"),  # type: ignore[union-attr]
         "server must mount the store read-only",
     ),
     "server reads another store path": (
