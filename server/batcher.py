@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 Outputs = dict[str, np.ndarray]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: one request is one Pending, whatever its fields
 class Pending:
     """A request waiting for its share of a batch."""
 
@@ -117,10 +117,10 @@ class BatchQueue:
         self.metrics = metrics
         self.clock = clock
         self._queue: deque[Pending] = deque()
-        self._running_items: dict[int, Pending] = {}  # by id(): the requests in forward passes now
+        self._running_items: set[Pending] = set()  # the requests in forward passes now
         self._arrived = asyncio.Event()
-        self._workers = asyncio.Semaphore(workers)  # forward passes that may run at once
-        self._idle_workers = workers
+        self._idle_workers = workers  # forward passes that may start now
+        self._worker_freed = asyncio.Event()
         self._batches: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
@@ -154,7 +154,7 @@ class BatchQueue:
 
     def busy_with(self, model: ServedModel) -> bool:
         """True while a request prepared by `model` is queued or running."""
-        return any(p.prepared.model is model for p in (*self._queue, *self._running_items.values()))
+        return any(p.prepared.model is model for p in (*self._queue, *self._running_items))
 
     def idle(self) -> bool:
         return not self._queue and not self._running_items
@@ -162,7 +162,9 @@ class BatchQueue:
     async def run_forever(self) -> None:
         try:
             while True:
-                await self._workers.acquire()  # a batch forms only when a worker can take it: meanwhile requests queue
+                while not self._idle_workers:  # a batch forms only when a worker can take it: meanwhile requests queue
+                    self._worker_freed.clear()
+                    await self._worker_freed.wait()
                 while not self._queue:
                     self._arrived.clear()
                     await self._arrived.wait()
@@ -183,7 +185,7 @@ class BatchQueue:
             await self._run(batch)
         finally:
             self._idle_workers += 1
-            self._workers.release()
+            self._worker_freed.set()
 
     async def _fill(self, due: float) -> None:
         """Wait until the batch is full or its fixed deadline passes."""
@@ -215,7 +217,7 @@ class BatchQueue:
             for p in live:
                 self.metrics.queue_wait_seconds.labels(self.model_name).observe(start - p.enqueued)
             self.metrics.batch_size.labels(self.model_name).observe(sum(p.prepared.rows for p in live))
-        self._running_items.update((id(p), p) for p in live)
+        self._running_items.update(live)
         try:
             results = await asyncio.get_running_loop().run_in_executor(
                 self.executor, run_isolated, model, [p.prepared for p in live]
@@ -224,7 +226,7 @@ class BatchQueue:
             results = [e] * len(live)
         finally:
             for p in live:
-                self._running_items.pop(id(p), None)
+                self._running_items.discard(p)
         if self.metrics is not None:
             self.metrics.batch_seconds.labels(self.model_name).observe(self.clock() - start)
         for p, result in zip(live, results, strict=True):
