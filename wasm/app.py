@@ -39,7 +39,6 @@ class EdgeConfig:
     engine: Path = ENGINE_WASM
     cache_dir: Path | None = DEFAULT_CACHE
     max_memory: int = 1 << 30  # per instance
-    truncate: bool | None = None
 
 
 def open_source(source: Path) -> Bundle:
@@ -50,23 +49,31 @@ def open_source(source: Path) -> Bundle:
 
 
 def start_engine(bundle: Bundle, edge: EdgeConfig, *, workers: int, deadline_s: float) -> EnginePool:
-    """Compile (or load from the cache) the engine and pre-instantiate one instance per worker."""
+    """Compile (or load from the cache) the engine and pre-instantiate one instance per worker; the pool owns the
+    engine: closing it (or failing to make the instances) stops the engine's epoch ticker too."""
     try:
         compiled = compile_engine(edge.engine, edge.cache_dir)
     except EngineError as e:
         raise ModelError(str(e)) from None
     try:
-        return EnginePool(compiled, bundle, size=workers, max_memory=edge.max_memory, deadline_s=deadline_s)
+        return EnginePool(
+            compiled, bundle, size=workers, max_memory=edge.max_memory, deadline_s=deadline_s, owns_engine=True
+        )
     except EngineError as e:
-        compiled.close()
         raise ModelError(f"edge bundle {bundle.name!r}: {e}") from None
 
 
-def load_edge(edge: EdgeConfig, *, workers: int, deadline_s: float) -> ServedModel:
-    """The served model: bundle + engine pool, warmed up. ModelError says what does not fit."""
+def load_edge(edge: EdgeConfig, *, workers: int, deadline_s: float, truncate: bool | None = None) -> ServedModel:
+    """The served model: bundle + engine pool, warmed up. ModelError says what does not fit.
+
+    `truncate` overrides what the model's files say about cutting long texts (None: follow the files)."""
     bundle = open_source(edge.source)
     pool = start_engine(bundle, edge, workers=workers, deadline_s=deadline_s)
-    model = edge_model(bundle, pool, truncate=edge.truncate)
+    try:
+        model = edge_model(bundle, pool, truncate=truncate)
+    except BaseException:
+        pool.close()
+        raise
     try:
         model.warm_up()
     except Exception as e:
@@ -74,7 +81,7 @@ def load_edge(edge: EdgeConfig, *, workers: int, deadline_s: float) -> ServedMod
         raise ModelError(f"edge bundle {bundle.name!r}: the warm-up forward failed: {e}") from None
     log.info(
         "edge engine %s (%s), %d instance(s), first instantiation %.1f ms",
-        pool.compiled.origin, bundle.dtype, workers, pool.instantiate_seconds[0] * 1000,
+        pool.compiled.origin, bundle.dtype, workers, pool.first_instantiate_seconds * 1000,
     )  # fmt: skip
     return model
 
@@ -85,7 +92,10 @@ def edge_task(edge: EdgeConfig) -> ModelTask:
     async def serve_edge(app: web.Application) -> None:
         config = app[CONFIG]
         model = await load_timed(
-            app, lambda: load_edge(edge, workers=config.workers, deadline_s=config.request_timeout_s)
+            app,
+            lambda: load_edge(
+                edge, workers=config.workers, deadline_s=config.request_timeout_s, truncate=config.truncate
+            ),
         )
         mark_ready(app, model)
 
@@ -115,11 +125,16 @@ def outputs_on(bundle: Bundle, compiled: CompiledEngine) -> dict[str, np.ndarray
     return {k: v for k, v in out.items() if v.dtype == np.float32}
 
 
-def measure_accuracy(fp32: Bundle, stored: Bundle, compiled: CompiledEngine) -> dict[str, Any]:
-    """Max abs difference of the stored precision's outputs from the FP32 bundle's, on the probe inputs."""
+def measure_accuracy(fp32: Bundle, stored: Bundle, engine: Path, cache_dir: Path | None) -> dict[str, Any]:
+    """Max abs difference of the stored precision's outputs from the FP32 bundle's, on the probe inputs (run on the
+    engine module `engine`, compiled only when there is a lower precision to measure)."""
     if stored.dtype == "fp32":
         return {"max_abs_error": 0.0, "against": "fp32", "probe": "none needed: stored as FP32"}
-    ref, got = outputs_on(fp32, compiled), outputs_on(stored, compiled)
+    compiled = compile_engine(engine, cache_dir)
+    try:
+        ref, got = outputs_on(fp32, compiled), outputs_on(stored, compiled)
+    finally:
+        compiled.close()
     error = max(float(np.max(np.abs(ref[k] - got[k]))) for k in ref)
     probe = f"{len(PROBE_TEXTS)} texts" if fp32.graph.kind == "bert" else f"{PROBE_ROWS} standard-normal rows"
     report: dict[str, Any] = {"max_abs_error": error, "against": "fp32", "probe": probe, "outputs": sorted(ref)}

@@ -19,20 +19,19 @@ import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from server.errors import ModelError
-from server.families.common import read_json, read_json_object
+from server.families.common import read_json_object
 from server.families.mlp_spec import MLPConfig
 from server.families.sentence import (
     BertConfig,
     SentenceSettings,
     read_sentence_files,
     select_encoder_tensors,
-    transformer_dir,
 )
 from server.model import weight_problems
 
@@ -51,20 +50,17 @@ OUTPUT_ACTIVATION_CODES = {None: 0, "softmax": 1, "sigmoid": 2}
 BERT_ACTIVATION_CODES = {"relu": 1, "gelu": 3, "gelu_new": 5, "gelu_pytorch_tanh": 5}
 POOLING_CODES = {"mean": 0, "cls": 1, "max": 2, "mean_sqrt_len": 3}
 TENSOR_DTYPE_CODES = {"F32": 0, "F16": 1, "I8": 2}
-_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "I8": np.int8}
-
-
+# A stored tensor's numpy dtype → its engine dtype code.
+_ENGINE_DTYPE_CODES = {
+    np.dtype(t): TENSOR_DTYPE_CODES[k] for k, t in (("F32", np.float32), ("F16", np.float16), ("I8", np.int8))
+}
 QKV = ("query", "key", "value")
 
 
 def _bert_layer_tensors(h: int, i: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """One BERT layer's tensors in engine order (ABI.md: base 5 + 16 l) with their shapes."""
     return (
-        *(
-            (f"attention.self.{p}.{k}", (h, h) if k == "weight" else (h,))
-            for p in ("query", "key", "value")
-            for k in ("weight", "bias")
-        ),
+        *((f"attention.self.{p}.{k}", (h, h) if k == "weight" else (h,)) for p in QKV for k in ("weight", "bias")),
         ("attention.output.dense.weight", (h, h)),
         ("attention.output.dense.bias", (h,)),
         ("attention.output.LayerNorm.weight", (h,)),
@@ -195,10 +191,9 @@ def fit_tensors(graph: Graph, tensors: Mapping[str, np.ndarray], what: str) -> d
 def quantize(tensors: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
     """Store FP32 tensors as `dtype`: fp16 everywhere, or int8 for 2-D matrices (symmetric, one scale per row;
     vectors stay FP32). An I8 tensor X gets its scales as `X.scale`."""
-    if dtype == "fp32":
-        return {n: np.ascontiguousarray(t, dtype=np.float32) for n, t in tensors.items()}
     if dtype == "fp16":
         return {n: t.astype(np.float16) for n, t in tensors.items()}
+    assert dtype == "int8", f"quantize to fp16 or int8, not {dtype!r}"
     out: dict[str, np.ndarray] = {}
     for name, t in tensors.items():
         t = np.asarray(t, dtype=np.float32)
@@ -210,14 +205,6 @@ def quantize(tensors: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndar
         out[name] = np.clip(np.rint(t / scale[:, None]), -127, 127).astype(np.int8)
         out[name + ".scale"] = scale.astype(np.float32)
     return out
-
-
-def dequantize(stored: Mapping[str, np.ndarray], name: str) -> np.ndarray:
-    """The FP32 values a stored tensor stands for (what the engine computes with)."""
-    t = stored[name]
-    if t.dtype == np.int8:
-        return np.asarray(t.astype(np.float32) * stored[name + ".scale"][:, None])
-    return np.asarray(t, dtype=np.float32)
 
 
 # ---------------------------------------------------------------- the bundle
@@ -235,7 +222,6 @@ class Bundle:
     text: dict[str, Any] | None = None  # BERT: max_seq_length, truncate, pad_token_id
     accuracy: dict[str, Any] | None = None
     source: dict[str, Any] = field(default_factory=dict)
-    path: Path | None = None  # where it was loaded from
 
     def manifest(self, weights_sha256: str) -> dict[str, Any]:
         m: dict[str, Any] = {
@@ -259,8 +245,7 @@ class Bundle:
         out = []
         for name in self.graph.names:
             data = self.tensors[name]
-            dtype = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int8): "I8"}[data.dtype]
-            out.append((TENSOR_DTYPE_CODES[dtype], data, self.tensors.get(name + ".scale")))
+            out.append((_ENGINE_DTYPE_CODES[data.dtype], data, self.tensors.get(name + ".scale")))
         return out
 
     def with_dtype(self, dtype: str) -> Bundle:
@@ -288,22 +273,32 @@ def as_array(buffer: Any, dtype: str, shape: Sequence[int], offset: int, name: s
     return np.frombuffer(buffer, dtype=np_dtype, count=count, offset=offset).reshape(shape)
 
 
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """A safetensors file's tensors as read-only numpy views of its mapping (BF16 and F64 converted to FP32)."""
+def map_file(path: Path) -> mmap.mmap | bytes:
+    """A file's bytes, mapped read-only (b"" when it is empty: an empty file cannot be mapped)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def parse_safetensors(mapping: mmap.mmap | bytes, path: Path) -> dict[str, np.ndarray]:
+    """The tensors of a mapped safetensors file as read-only numpy views of the mapping (BF16 widened to FP32)."""
     from loader.errors import InvalidModel
     from loader.header import PREFIX_BYTES, header_length, parse_header
 
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
         n = header_length(bytes(mapping[:PREFIX_BYTES]), path.name)
-        header = parse_header(bytes(mapping[PREFIX_BYTES : PREFIX_BYTES + n]), path.name, size)
+        header = parse_header(bytes(mapping[PREFIX_BYTES : PREFIX_BYTES + n]), path.name, len(mapping))
     except InvalidModel as e:
         raise ModelError(str(e)) from None
-    except OSError as e:
-        raise ModelError(f"{path}: cannot read: {e.strerror}") from None
     return {t.name: as_array(mapping, t.dtype, t.shape, header.data_start + t.begin, t.name) for t in header.tensors}
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file's tensors as read-only numpy views of its mapping (BF16 widened to FP32)."""
+    return parse_safetensors(map_file(path), path)
 
 
 @dataclass(frozen=True)
@@ -333,8 +328,9 @@ def model_directory(path: Path, name: str | None = None) -> ModelFiles:
     return ModelFiles(name or path.name, lambda rel: path / rel, load, {"directory": str(path)})
 
 
-def staged_version(store: Path, model: str) -> ModelFiles:
-    """The current published version of `model` in a warmpod store (read through its mapping, no copy)."""
+def staged_version(store: Path, model: str, name: str | None = None) -> ModelFiles:
+    """The current published version of `model` in a warmpod store (read through its mapping, no copy), served as
+    `name` (default: the model's name in the store)."""
     from loader.store import open_model
 
     try:
@@ -345,7 +341,8 @@ def staged_version(store: Path, model: str) -> ModelFiles:
     def load() -> dict[str, np.ndarray]:
         return {n: as_array(staged.buffer(n), e.dtype, e.shape, 0, n) for n, e in staged.tensor_index.items()}
 
-    return ModelFiles(model, staged.file_path, load, {"store": str(store), "model": model, "version": staged.version})
+    source = {"store": str(store), "model": model, "version": staged.version}
+    return ModelFiles(name or model, staged.file_path, load, source)
 
 
 def from_model(files: ModelFiles) -> Bundle:
@@ -362,12 +359,13 @@ def from_model(files: ModelFiles) -> Bundle:
     elif kind == "bert":
         try:
             bert = BertConfig.from_json(config)
-            settings, _ = read_sentence_files(files.file_path, bert)
+            sentence = read_sentence_files(files.file_path, bert)
         except ModelError as e:
             raise ModelError(f"{what}: {e}") from None
+        settings = sentence.settings
         graph = bert_graph(bert, settings)
         tensors, _ = select_encoder_tensors(files.load_tensors())
-        tokenizer = _tokenizer_path(files.file_path)
+        tokenizer = files.file_path(sentence.tokenizer_file)
         text = {"max_seq_length": settings.max_seq_length, "truncate": settings.truncate,
                 "pad_token_id": bert.pad_token_id}  # fmt: skip
     else:
@@ -383,13 +381,6 @@ def from_model(files: ModelFiles) -> Bundle:
         )
     f32 = {n: np.ascontiguousarray(t, dtype=np.float32) for n, t in fitted.items()}
     return Bundle(files.name, graph, "fp32", f32, tokenizer, text, None, files.source)
-
-
-def _tokenizer_path(file_path: Callable[[str], Path]) -> Path:
-    """Where the Transformer module keeps tokenizer.json (the model root unless modules.json says otherwise)."""
-    entries = read_json(file_path("modules.json"), "modules.json")
-    base = transformer_dir(entries if isinstance(entries, list) else None)
-    return file_path(str(PurePosixPath(base, TOKENIZER)))
 
 
 def write_bundle(bundle: Bundle, out: Path) -> Path:
@@ -467,9 +458,10 @@ def load_bundle(path: Path) -> Bundle:
     expected = (manifest.get("weights") or {}).get("sha256")
     if not weights.is_file():
         raise ModelError(f"{what}: {WEIGHTS} is missing")
-    if _sha256(weights) != expected:
+    mapping = map_file(weights)  # hashed, then parsed: one read of the file
+    if hashlib.sha256(mapping).hexdigest() != expected:
         raise ModelError(f"{what}: {WEIGHTS} does not match the sha256 in {MANIFEST} (changed or truncated)")
-    stored = read_safetensors(weights)
+    stored = parse_safetensors(mapping, weights)
     _check_stored(graph, stored, dtype, what)
     tokenizer = text = None
     if graph.kind == "bert":
@@ -479,8 +471,7 @@ def load_bundle(path: Path) -> Bundle:
         tokenizer = path / TOKENIZER
         text = {k: v for k, v in text.items() if k != "tokenizer"}
     name = str(manifest.get("name") or path.name)
-    return Bundle(name, graph, dtype, stored, tokenizer, text, manifest.get("accuracy"),
-                  manifest.get("source") or {}, path)  # fmt: skip
+    return Bundle(name, graph, dtype, stored, tokenizer, text, manifest.get("accuracy"), manifest.get("source") or {})
 
 
 def _check_stored(graph: Graph, stored: Mapping[str, np.ndarray], dtype: str, what: str) -> None:

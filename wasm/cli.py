@@ -15,7 +15,7 @@ from loader.store import DEFAULT_ROOT
 from server.cli import add_serving_arguments, serve, serving_config
 from server.errors import ModelError
 from wasm.bundle import DTYPES, bundle_name, from_model, model_directory, staged_version, write_bundle
-from wasm.host import DEFAULT_CACHE, ENGINE_WASM, EngineError, compile_engine
+from wasm.host import DEFAULT_CACHE, ENGINE_WASM, EngineError
 
 USAGE = "usage: warmpod edge {compile,serve} ...\n\nRun 'warmpod edge compile --help' or 'warmpod edge serve --help'."
 
@@ -73,16 +73,12 @@ def run_compile(args: argparse.Namespace) -> int:
         print("warmpod edge compile: error: give a model directory, or --store and --model", file=sys.stderr)
         return 2
     try:
-        files = staged_version(args.store, args.model) if args.store else model_directory(args.source, args.name)
+        files = (
+            staged_version(args.store, args.model, args.name) if args.store else model_directory(args.source, args.name)
+        )
         fp32 = from_model(files)
-        if args.name:
-            fp32.name = args.name
         bundle = fp32 if args.dtype == "fp32" else fp32.with_dtype(args.dtype)
-        compiled = compile_engine(args.engine, None if args.no_cache else args.cache_dir)
-        try:
-            bundle.accuracy = measure_accuracy(fp32, bundle, compiled)
-        finally:
-            compiled.close()
+        bundle.accuracy = measure_accuracy(fp32, bundle, args.engine, None if args.no_cache else args.cache_dir)
         error = bundle.accuracy["max_abs_error"]
         if args.max_error is not None and error > args.max_error:
             print(f"warmpod edge compile: error: {args.dtype} outputs differ from fp32 by {error:.3g}, more than "
@@ -111,7 +107,7 @@ def run_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     config = serving_config(args, model=bundle_name(source), store=source)
-    edge = EdgeConfig(source, args.engine, None if args.no_cache else args.cache_dir, args.max_memory, args.truncate)
+    edge = EdgeConfig(source, args.engine, None if args.no_cache else args.cache_dir, args.max_memory)
     return asyncio.run(serve(config, reuse_port=args.reuse_port, model_task=edge_task(edge),
                              prog="warmpod edge serve", description=f"edge, {source}"))  # fmt: skip
 

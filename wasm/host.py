@@ -64,25 +64,18 @@ _STATUS = {-1: "bad argument", -2: "out of memory", -3: "weights do not fit the 
 class EngineError(Exception):
     """The engine refused, failed or trapped; the message says what and why."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
 
 class EngineInterrupted(EngineError):
     """A guest call ran past its deadline and was stopped."""
 
 
-class EngineOutOfMemory(EngineError):
-    """The guest needed more memory than the limit allows."""
-
-
 # ------------------------------------------------------------------------------- compiling, caching
 
 
-def make_engine() -> wasmtime.Engine:
+def make_engine(*, epoch_interruption: bool = True) -> wasmtime.Engine:
+    """A wasmtime engine with ENGINE_SETTINGS (the benchmark turns epoch interruption off to measure its cost)."""
     config = wasmtime.Config()
-    config.epoch_interruption = ENGINE_SETTINGS["epoch_interruption"]
+    config.epoch_interruption = epoch_interruption
     config.cranelift_opt_level = ENGINE_SETTINGS["cranelift_opt_level"]
     config.wasm_simd = ENGINE_SETTINGS["wasm_simd"]
     return wasmtime.Engine(config)
@@ -150,7 +143,6 @@ class CompiledEngine:
     module: wasmtime.Module
     digest: str  # sha256 of the .wasm
     origin: str  # "cache", "compiled", or why the cache was not used
-    seconds: float  # compile or deserialize time
     ticker: EpochTicker
 
     def close(self) -> None:
@@ -169,6 +161,7 @@ def compile_engine(wasm_path: Path = ENGINE_WASM, cache_dir: Path | None = DEFAU
     cache = ArtifactCache(cache_dir) if cache_dir is not None else None
     key = cache_key(digest)
     module, origin = cache.get(engine, key) if cache is not None else (None, "no cache")
+    fresh = module is None
     if module is None:
         if cache is not None and origin != "absent":
             log.warning("engine cache: %s", origin)
@@ -176,15 +169,13 @@ def compile_engine(wasm_path: Path = ENGINE_WASM, cache_dir: Path | None = DEFAU
             module = wasmtime.Module(engine, wasm)
         except wasmtime.WasmtimeError as e:
             raise EngineError(f"engine module {wasm_path} is not valid WebAssembly: {_first_line(e)}") from None
-        _check_abi(module, wasm_path)
-        if cache is not None:
-            cache.put(key, module)
         origin = "compiled" if origin in ("absent", "no cache") else origin
-    else:
-        _check_abi(module, wasm_path)
+    _check_abi(module, wasm_path)
+    if cache is not None and fresh:
+        cache.put(key, module)
     seconds = time.perf_counter() - started
     log.info("engine %s (%s…): %s in %.1f ms", wasm_path.name, digest[:12], origin, seconds * 1000)
-    return CompiledEngine(engine, module, digest, origin, seconds, EpochTicker(engine))
+    return CompiledEngine(engine, module, digest, origin, EpochTicker(engine))
 
 
 def _check_abi(module: wasmtime.Module, path: Path) -> None:
@@ -218,7 +209,9 @@ class EpochTicker:
             self._engine.increment_epoch()
 
     def stop(self) -> None:
+        """Stop ticking and wait for the thread to end (it wakes at once: no tick is waited for)."""
         self._stop.set()
+        self._thread.join()
 
 
 def ticks(seconds: float) -> int:
@@ -226,6 +219,14 @@ def ticks(seconds: float) -> int:
 
 
 # ------------------------------------------------------------------------------- one sandboxed instance
+
+
+@dataclass
+class GuestBuffer:
+    """A buffer in guest memory that an instance reuses across calls (0, 0: none yet)."""
+
+    ptr: int = 0
+    size: int = 0
 
 
 class EngineInstance:
@@ -249,8 +250,7 @@ class EngineInstance:
         assert isinstance(memory, wasmtime.Memory)
         self.memory = memory
         self._fn: dict[str, Any] = {name: exports[name] for name in ABI_EXPORTS if name != "memory"}
-        self._in = self._out = 0
-        self._in_size = self._out_size = 0
+        self._in, self._out = GuestBuffer(), GuestBuffer()
         self._call("_initialize")
         version = self._call("wp_abi_version")
         if version != ABI_VERSION:
@@ -280,10 +280,9 @@ class EngineInstance:
     def alloc(self, nbytes: int) -> int:
         ptr = int(self._call("wp_alloc", nbytes))
         if ptr == 0:
-            raise EngineOutOfMemory(
+            raise EngineError(
                 f"the engine ran out of memory allocating {nbytes} bytes (limit {self.max_memory >> 20} MiB): "
-                f"{self._message()}",
-                -2,
+                f"{self._message()}"
             )
         return ptr
 
@@ -301,20 +300,20 @@ class EngineInstance:
 
     def buffers(self, in_bytes: int, out_bytes: int) -> tuple[int, int]:
         """Input and output buffers of at least these sizes, reused across calls (grown when a batch is bigger)."""
-        if in_bytes > self._in_size:
-            self._call("wp_free", self._in)
-            self._in, self._in_size = 0, 0
-            self._in, self._in_size = self.alloc(in_bytes), in_bytes
-        if out_bytes > self._out_size:
-            self._call("wp_free", self._out)
-            self._out, self._out_size = 0, 0
-            self._out, self._out_size = self.alloc(out_bytes), out_bytes
-        return self._in, self._out
+        return self._fit(self._in, in_bytes), self._fit(self._out, out_bytes)
+
+    def _fit(self, buffer: GuestBuffer, nbytes: int) -> int:
+        """The buffer's address, after replacing it with a bigger one when `nbytes` do not fit."""
+        if nbytes > buffer.size:
+            self._call("wp_free", buffer.ptr)
+            buffer.ptr = buffer.size = 0  # freed: should the allocation fail, nothing points at it any more
+            buffer.ptr, buffer.size = self.alloc(nbytes), nbytes
+        return buffer.ptr
 
     def run(self, batch: int, seq: int) -> None:
         """One forward pass over the batch already written at the input buffer, under the deadline."""
         self.store.set_epoch_deadline(ticks(self.deadline_s))
-        self._check(self._call("wp_run", batch, seq, self._in, self._out), f"a batch of {batch}x{seq}")
+        self._check(self._call("wp_run", batch, seq, self._in.ptr, self._out.ptr), f"a batch of {batch}x{seq}")
 
     def _call(self, name: str, *args: int) -> Any:
         try:
@@ -343,34 +342,50 @@ class EngineInstance:
             return
         message = f"{what}: {self._message()} ({_STATUS.get(status, f'status {status}')})"
         if status == -2:
-            raise EngineOutOfMemory(f"{message}; the memory limit is {self.max_memory >> 20} MiB", status)
-        raise EngineError(message, status)
+            message += f"; the memory limit is {self.max_memory >> 20} MiB"
+        raise EngineError(message)
 
 
 # ------------------------------------------------------------------------------- the pool of workers' instances
 
 
 class EnginePool:
-    """One instance per worker, made up front; a broken instance (trapped, interrupted) is replaced on next use."""
+    """One instance per worker, made up front; a broken instance (trapped, interrupted) is replaced on next use.
+
+    A pool started with `owns_engine` closes the compiled engine (its epoch ticker thread) when it closes, or when
+    making its instances fails; pools sharing one compiled engine leave that to whoever compiled it.
+    """
 
     def __init__(
-        self, compiled: CompiledEngine, bundle: Bundle, *, size: int, max_memory: int, deadline_s: float
+        self,
+        compiled: CompiledEngine,
+        bundle: Bundle,
+        *,
+        size: int,
+        max_memory: int,
+        deadline_s: float,
+        owns_engine: bool = False,
     ) -> None:
         self.compiled = compiled
         self.bundle = bundle
         self.max_memory = max_memory
         self.deadline_s = deadline_s
+        self.owns_engine = owns_engine
         self._free: queue.SimpleQueue[EngineInstance] = queue.SimpleQueue()
-        self.instantiate_seconds: list[float] = []
         self.replaced = 0
-        for _ in range(size):
-            self._free.put(self._new())
+        self.first_instantiate_seconds = 0.0
+        try:
+            for i in range(size):
+                started = time.perf_counter()
+                self._free.put(self._new())
+                if i == 0:
+                    self.first_instantiate_seconds = time.perf_counter() - started
+        except BaseException:
+            self.close()
+            raise
 
     def _new(self) -> EngineInstance:
-        started = time.perf_counter()
-        instance = EngineInstance(self.compiled, self.bundle, max_memory=self.max_memory, deadline_s=self.deadline_s)
-        self.instantiate_seconds.append(time.perf_counter() - started)
-        return instance
+        return EngineInstance(self.compiled, self.bundle, max_memory=self.max_memory, deadline_s=self.deadline_s)
 
     @contextlib.contextmanager
     def instance(self) -> Iterator[EngineInstance]:
@@ -394,3 +409,5 @@ class EnginePool:
                 self._free.get_nowait()
             except queue.Empty:
                 break
+        if self.owns_engine:
+            self.compiled.close()

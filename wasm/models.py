@@ -13,7 +13,7 @@ import numpy as np
 from server.errors import DeadlineExceeded, ModelError, ServerError
 from server.families.common import split_rows, stack_inputs
 from server.families.mlp_spec import MLPInterface
-from server.families.sentence import BertConfig, SentenceSettings, TextEncoder
+from server.families.sentence import BertConfig, SentenceSettings, TextEncoder, load_tokenizer
 from server.model import Prepared, ServedModel
 from wasm.bundle import Bundle, mlp_config_json
 from wasm.host import EngineError, EngineInstance, EngineInterrupted, EnginePool
@@ -59,18 +59,13 @@ class EdgeEncoder(OnEngine, TextEncoder):
     """Texts → embeddings on the engine: tokenized on the host exactly as the torch server does."""
 
     def __init__(self, bundle: Bundle, pool: EnginePool, version: str, *, truncate: bool | None = None) -> None:
-        from tokenizers import Tokenizer
-
         assert bundle.tokenizer is not None and bundle.text is not None, "a bert bundle has text settings"
         config = BertConfig.from_json(bundle.graph.config)
         text = bundle.text
         settings = SentenceSettings(
             bundle.graph.config["pooling"], bundle.graph.config["normalize"], text["max_seq_length"], text["truncate"]
         )
-        try:
-            tokenizer = Tokenizer.from_file(str(bundle.tokenizer))
-        except Exception as e:  # the tokenizers library raises plain Exception subclasses
-            raise ModelError(f"{bundle.tokenizer} cannot be loaded: {e}") from None
+        tokenizer = load_tokenizer(bundle.tokenizer)
         super().__init__(bundle.name, version, None, config, settings, tokenizer, truncate=truncate)
         self.pool = pool
 

@@ -1,6 +1,7 @@
 """The torch-free half of the BERT sentence-embedding family: config.json and the sentence-transformers files made
 sense of, tokenization and request validation. Shared by the torch encoder (`bert.py`) and the edge engine
-(`wasm/`), which must accept exactly the same requests and produce the same embeddings.
+(`wasm/`), which must accept exactly the same requests and produce the same embeddings; what only the torch forward
+pass needs (padding, grouping a batch's rows by length) is in `bert.py`.
 
 Truncation is decided by the files, like sentence-transformers: a `max_seq_length` in sentence_bert_config.json, or a
 `truncation` section in tokenizer.json, turns it on (cut to max_seq_length tokens, specials included). Without
@@ -212,34 +213,30 @@ def select_encoder_tensors(tensors: Mapping[str, T]) -> tuple[dict[str, T], list
     return kept, sorted(dropped)
 
 
-def length_groups(lengths: Sequence[int], max_padding: float = 0.25) -> list[list[int]]:
-    """Split a batch's rows into groups of similar length, so padding stays under `max_padding` of the real tokens.
+@dataclass(frozen=True)
+class SentenceFiles:
+    """What a model's sentence-transformers files say: the settings, and its tokenizer (loaded, and where it is)."""
 
-    Each group is padded to its own longest sequence. On a CPU a forward pass costs about as much per padded token
-    as per real one, so one batch of a 5-token and a 120-token text would cost about twice the two alone; grouping
-    keeps the merged requests' saving without paying for the padding. Returns row indices, shortest rows first.
-    """
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    groups: list[list[int]] = []
-    real = 0
-    for i in order:
-        n = lengths[i]
-        # sorted ascending: adding row i pads every row of the group to n tokens
-        if groups and (len(groups[-1]) + 1) * n <= (1 + max_padding) * (real + n):
-            groups[-1].append(i)
-            real += n
-        else:
-            groups.append([i])
-            real = n
-    return groups
+    settings: SentenceSettings
+    tokenizer: Tokenizer
+    tokenizer_file: str  # tokenizer.json relative to the model: in the Transformer module's directory
 
 
-def read_sentence_files(file_path: Callable[[str], Path], config: BertConfig) -> tuple[SentenceSettings, Tokenizer]:
+def load_tokenizer(path: Path, shown_as: str | None = None) -> Tokenizer:
+    """A tokenizer.json loaded by the tokenizers library; ModelError naming the file (`shown_as`, else its path)."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises plain Exception subclasses
+        raise ModelError(f"{shown_as or path} cannot be loaded: {e}") from None
+
+
+def read_sentence_files(file_path: Callable[[str], Path], config: BertConfig) -> SentenceFiles:
     """The model's modules.json, Pooling config, sentence_bert_config.json and tokenizer.json, made sense of.
 
     `file_path` maps a path relative to the model ("1_Pooling/config.json") to where it is (staged or a directory).
     """
-    from tokenizers import Tokenizer
 
     def staged_object(rel: str) -> dict[str, Any] | None:
         return read_json_object(file_path(rel), rel)
@@ -259,15 +256,12 @@ def read_sentence_files(file_path: Callable[[str], Path], config: BertConfig) ->
             f"no {tokenizer_rel} in the model's files; warmpod needs the fast-tokenizer file "
             "(write it with save_pretrained of a transformers fast tokenizer)"
         )
-    try:
-        tokenizer = Tokenizer.from_file(str(file_path(tokenizer_rel)))
-    except Exception as e:  # the tokenizers library raises plain Exception subclasses
-        raise ModelError(f"{tokenizer_rel} cannot be loaded: {e}") from None
+    tokenizer = load_tokenizer(file_path(tokenizer_rel), tokenizer_rel)
     truncation = tokenizer_json.get("truncation")
     settings = sentence_settings(
         config, modules, pooling_config, sbert_config, truncation if isinstance(truncation, dict) else None
     )
-    return settings, tokenizer
+    return SentenceFiles(settings, tokenizer, tokenizer_rel)
 
 
 class TextEncoder(ServedModel):

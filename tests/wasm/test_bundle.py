@@ -3,11 +3,14 @@ and every model or bundle the engine cannot run refused with a message naming th
 
 from __future__ import annotations
 
+import builtins
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,15 +20,11 @@ from server.errors import ModelError
 from tests.cliutil import cli_env
 from tests.modelgen import write_mlp_dir
 from tests.serverutil import stage
-from tests.wasm.edgeutil import MINILM, error_line, run_edge
-from wasm.bundle import FORMAT, from_model, graph_of, load_bundle, model_directory, quantize
+from tests.wasm.edgeutil import MINILM, epoch_threads, error_line, run_edge
+from wasm.app import EdgeConfig, load_edge
+from wasm.bundle import FORMAT, from_model, graph_of, load_bundle, model_directory, quantize, write_bundle
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +84,22 @@ def test_compile_from_a_staged_version(tmp_path: Path, cache: Path) -> None:
     manifest = json.loads((tmp_path / "b" / "edge.json").read_text())
     assert manifest["name"] == "iris" and manifest["source"]["version"] == version
     assert manifest["config"]["sizes"] == [4, 8, 3]
+    named = tmp_path / "named"
+    proc = run_edge("compile", "--store", store, "--model", "iris", "--name", "flowers", "-o", named, cache=cache)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((named / "edge.json").read_text())
+    assert manifest["name"] == "flowers" and manifest["source"]["model"] == "iris"
+
+
+def test_fp32_needs_no_engine_lower_precisions_run_it(tmp_path: Path, cache: Path) -> None:
+    """FP32 has no error to measure, so the engine is not even compiled; fp16 and int8 are measured on it."""
+    mlp, missing = write_mlp_dir(tmp_path / "src", (4, 8, 3)), tmp_path / "missing.wasm"
+    proc = run_edge("compile", mlp, "-o", tmp_path / "b", "--engine", missing, cache=cache)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_edge("compile", mlp, "-o", tmp_path / "c", "--engine", missing, "--dtype", "fp16", cache=cache)
+    assert proc.returncode == 5
+    assert f"engine module {missing}: cannot read: No such file or directory" in error_line(proc)
+    assert not (tmp_path / "c").exists()
 
 
 def test_compile_never_imports_torch(tmp_path: Path, cache: Path) -> None:
@@ -158,6 +173,14 @@ def test_integer_weights_and_missing_files_are_refused(tmp_path: Path, cache: Pa
     assert proc.returncode == 5 and "no *.safetensors files" in error_line(proc)
 
 
+def test_tokenizer_that_cannot_be_loaded_is_named(tmp_path: Path, cache: Path) -> None:
+    src = _minilm_copy(tmp_path)
+    (src / "tokenizer.json").write_text('{"model": 1}')
+    proc = run_edge("compile", src, "-o", tmp_path / "b", cache=cache)
+    assert proc.returncode == 5
+    assert "model 'model': tokenizer.json cannot be loaded: data did not match" in error_line(proc)
+
+
 def test_usage_errors(tmp_path: Path, cache: Path, minilm_bundle: Path) -> None:
     proc = run_edge("compile", "-o", tmp_path / "b", cache=cache)
     assert proc.returncode == 2 and "give a model directory, or --store and --model" in error_line(proc)
@@ -197,6 +220,23 @@ def test_bundle_with_changed_weights_is_refused(tmp_path: Path, minilm_bundle: P
         load_bundle(bundle)
 
 
+def test_bundle_weights_are_read_once_for_the_digest_and_the_tensors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = write_bundle(from_model(model_directory(write_mlp_dir(tmp_path / "mlp", (4, 8, 3)))), tmp_path / "b")
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def counting_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(Path(file).name)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    loaded = load_bundle(bundle)
+    assert opened.count("weights.safetensors") == 1
+    assert loaded.graph.names == ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"]
+
+
 def test_bundle_whose_weights_do_not_match_its_graph(tmp_path: Path, minilm_bundle: Path) -> None:
     bundle = _copy(minilm_bundle, tmp_path)
     _edit_manifest(bundle, config_intermediate_size=1024)
@@ -230,6 +270,18 @@ def test_bundle_without_tokenizer_or_manifest(tmp_path: Path, minilm_bundle: Pat
     (bundle / "edge.json").unlink()
     with pytest.raises(ModelError, match=r"no edge\.json; build one with `warmpod edge compile`"):
         load_bundle(bundle)
+
+
+def test_bundle_whose_tokenizer_cannot_be_loaded_is_refused_leaving_no_engine(
+    tmp_path: Path, minilm_bundle: Path, cache: Path
+) -> None:
+    bundle = _copy(minilm_bundle, tmp_path)
+    (bundle / "tokenizer.json").write_text('{"model": 1}')
+    before = epoch_threads()
+    message = f"{bundle / 'tokenizer.json'} cannot be loaded: data did not match"  # the bundle's file, by its path
+    with pytest.raises(ModelError, match=re.escape(message)):
+        load_edge(EdgeConfig(bundle, cache_dir=cache), workers=1, deadline_s=10)
+    assert epoch_threads() - before == set()
 
 
 def test_int8_quantization_is_per_row_and_bounded() -> None:

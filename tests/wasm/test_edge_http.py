@@ -40,11 +40,6 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def bundle(store: Path, cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / MODEL
     proc = run_edge("compile", "--store", store, "--model", MODEL, "-o", out, cache=cache)
@@ -176,3 +171,17 @@ def test_the_edge_process_never_imports_torch(edge: WarmpodServer) -> None:
     assert edge.proc is not None
     maps = Path(f"/proc/{edge.proc.pid}/maps").read_text()
     assert "libtorch" not in maps and "wasmtime" in maps
+
+
+def test_no_truncate_reaches_the_edge_model(bundle: Path, cache: Path, tmp_path: Path) -> None:
+    """`--no-truncate` (the serving flag, in the server's config) overrides the bundle's truncation, as it does on the
+    torch server: an over-long text is refused, a 300-token one served whole instead of cut to 256."""
+    env = {"WARMPOD_WASM_CACHE": str(cache)}
+    with WarmpodServer.edge(bundle, "--no-truncate", log_dir=tmp_path, env=env) as strict:
+        too_long, medium = "word " * 598, "word " * 298  # 600 and 300 tokens with [CLS] and [SEP]
+        status, body = post_json(f"{strict.url}{INFER}", _text(shape=[2], data=["short", too_long]))
+        assert status == 400, body
+        assert f"text 1 is 600 tokens long, more than the 512 tokens model {MODEL!r} accepts" in body["error"]
+        status, body = post_json(f"{strict.url}/v1/embeddings", {"model": MODEL, "input": medium})
+        assert status == 200, body
+        assert body["usage"]["prompt_tokens"] == 300

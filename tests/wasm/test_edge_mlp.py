@@ -3,6 +3,7 @@ inputs, and `warmpod edge serve` surviving hostile engines (endless loop, memory
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -14,11 +15,12 @@ import numpy as np
 import pytest
 
 from loader.store import open_model
+from server.errors import ModelError
 from server.families import build_model
 from server.tensors import Tensor
 from tests.modelgen import write_mlp_dir
 from tests.serverutil import WarmpodServer, post_json, stage
-from tests.wasm.edgeutil import error_line, run_edge
+from tests.wasm.edgeutil import epoch_threads, error_line, run_edge
 from tests.wasm.hostile import HOG, LOOP, write_engine
 from wasm.app import EdgeConfig, load_edge
 
@@ -30,31 +32,29 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.mark.parametrize("activation", ["relu", "tanh", "gelu", "sigmoid", "identity"])
 @pytest.mark.parametrize("output_activation", [None, "softmax", "sigmoid"])
-def test_every_activation_matches_torch(tmp_path: Path, activation: str, output_activation: str | None) -> None:
+def test_every_activation_matches_torch(
+    tmp_path: Path, cache: Path, activation: str, output_activation: str | None
+) -> None:
     src = write_mlp_dir(tmp_path / "mlp", (13, 64, 31, 7), activation=activation,
                         output_activation=output_activation, seed=3)  # fmt: skip
     stage(src, tmp_path / "store", "m")
-    torch_model = build_model(open_model(tmp_path / "store", "m"))
-    edge = load_edge(EdgeConfig(src, cache_dir=tmp_path / "cache"), workers=1, deadline_s=10)
-    for rows in (1, 3, 17, 64):
-        x = np.random.default_rng(rows).standard_normal((rows, 13)).astype(np.float32) * 2
-        request = {"input": Tensor("input", "FP32", x.shape, x)}
-        (want,) = torch_model.run([torch_model.prepare(request)])
-        (got,) = edge.run([edge.prepare(request)])
-        assert sorted(got) == sorted(want)
-        for name in want:
-            assert float(np.abs(got[name] - want[name]).max()) <= TOLERANCE, (name, rows)
-    torch_model.close(), edge.close()
+    with (
+        contextlib.closing(build_model(open_model(tmp_path / "store", "m"))) as torch_model,
+        contextlib.closing(load_edge(EdgeConfig(src, cache_dir=cache), workers=1, deadline_s=10)) as edge,
+    ):
+        for rows in (1, 3, 17, 64):
+            x = np.random.default_rng(rows).standard_normal((rows, 13)).astype(np.float32) * 2
+            request = {"input": Tensor("input", "FP32", x.shape, x)}
+            (want,) = torch_model.run([torch_model.prepare(request)])
+            (got,) = edge.run([edge.prepare(request)])
+            assert sorted(got) == sorted(want)
+            for name in want:
+                assert float(np.abs(got[name] - want[name]).max()) <= TOLERANCE, (name, rows)
 
 
 @pytest.fixture(scope="module")
 def mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_mlp_dir(tmp_path_factory.mktemp("src") / "iris", (4, 16, 3), labels=LABELS)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,34 @@ def test_hostile_engine_is_stopped_and_the_server_carries_on(
         assert edge.ready()
         edge.signal(signal.SIGTERM)
         assert edge.wait(30) == 0
+
+
+# ------------------------------------------------------------------------------- closing: no engine left behind
+
+
+def test_closing_the_model_stops_its_engines_ticker(mlp: Path, cache: Path) -> None:
+    before = epoch_threads()
+    edge = load_edge(EdgeConfig(mlp, cache_dir=cache), workers=2, deadline_s=10)
+    assert len(epoch_threads() - before) == 1  # one engine (one ticker) for all the workers' instances
+    edge.close()
+    assert epoch_threads() - before == set()
+
+
+@pytest.mark.parametrize(
+    ("engine", "message"),
+    [
+        ({"abi": 2}, "edge bundle 'iris': the engine speaks ABI 2; this host speaks ABI 1"),
+        ({"run_status": -4}, r"edge bundle 'iris': the warm-up forward failed: a batch of 1x0: .* \(bad input\)"),
+    ],
+)
+def test_a_model_that_fails_to_load_leaves_no_engine_behind(
+    tmp_path: Path, mlp: Path, cache: Path, engine: dict[str, int], message: str
+) -> None:
+    wasm = write_engine(tmp_path / "refusing.wasm", **engine)
+    before = epoch_threads()
+    with pytest.raises(ModelError, match=message):
+        load_edge(EdgeConfig(mlp, engine=wasm, cache_dir=cache), workers=1, deadline_s=10)
+    assert epoch_threads() - before == set()
 
 
 def _serve_fails(source: Path, *args: str, cache: Path) -> tuple[int, str]:

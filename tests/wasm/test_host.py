@@ -13,6 +13,7 @@ import wasmtime
 from server.errors import DeadlineExceeded, ServerError
 from server.tensors import Tensor
 from tests.modelgen import mlp_reference, write_mlp_dir
+from tests.wasm.edgeutil import epoch_threads
 from tests.wasm.hostile import HOG, LOOP, write_engine
 from wasm.bundle import from_model, model_directory
 from wasm.host import ENGINE_WASM, EngineError, EnginePool, cache_key, compile_engine
@@ -158,3 +159,24 @@ def test_one_instance_per_worker_each_with_its_own_memory(tmp_path: Path, mlp_bu
     expected = mlp_reference(tmp_path / "mlp", x)
     assert np.abs(out["logits"] - expected).max() <= 1e-5
     model.close(), compiled.close()
+
+
+def test_a_pool_closes_the_engine_it_owns_and_only_that(tmp_path: Path, mlp_bundle) -> None:  # type: ignore[no-untyped-def]
+    before = epoch_threads()
+    compiled = compile_engine(ENGINE_WASM, tmp_path)
+    (ticker,) = epoch_threads() - before
+    try:
+        EnginePool(compiled, mlp_bundle, size=1, max_memory=64 << 20, deadline_s=5).close()
+        assert ticker.is_alive()  # an engine shared by pools: whoever compiled it closes it
+        EnginePool(compiled, mlp_bundle, size=1, max_memory=64 << 20, deadline_s=5, owns_engine=True).close()
+        assert not ticker.is_alive()
+    finally:
+        compiled.close()
+
+
+def test_a_pool_that_cannot_make_its_instances_closes_the_engine_it_owns(tmp_path: Path, mlp_bundle) -> None:  # type: ignore[no-untyped-def]
+    before = epoch_threads()
+    compiled = compile_engine(write_engine(tmp_path / "abi2.wasm", abi=2), None)
+    with pytest.raises(EngineError, match="the engine speaks ABI 2; this host speaks ABI 1"):
+        EnginePool(compiled, mlp_bundle, size=2, max_memory=64 << 20, deadline_s=1, owns_engine=True)
+    assert epoch_threads() - before == set()

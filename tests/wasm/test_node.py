@@ -39,11 +39,6 @@ def outputs(proc: subprocess.CompletedProcess[str]) -> dict[str, np.ndarray]:
     return {k: np.array(v, dtype=np.float32) for k, v in json.loads(proc.stdout)["outputs"].items()}
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
 def test_mlp_bundle_under_node_matches_wasmtime(tmp_path: Path, cache: Path) -> None:
     src = write_mlp_dir(tmp_path / "mlp", (13, 32, 7), activation="gelu", output_activation="softmax")
     bundle = tmp_path / "bundle"
