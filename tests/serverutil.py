@@ -215,6 +215,10 @@ class Scrape:
         assert len(found) <= 1, (name, labels, found)
         return found[0] if found else None
 
+    def total(self, name: str, **labels: str) -> float:
+        """The sum over every series of `name` whose labels include `labels` (0 when there is none)."""
+        return sum(s.value for s in self.samples if s.name == name and labels.items() <= s.labels.items())
+
     def buckets(self, family: str, **labels: str) -> dict[float, float]:
         """le → cumulative count of one histogram series."""
         return {

@@ -14,9 +14,8 @@ import numpy as np
 import openai
 import pytest
 import tritonclient.http as triton
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serverutil import WarmpodServer, http, post_json, stage
+from tests.serverutil import Scrape, WarmpodServer, post_json, stage
 from tests.wasm.edgeutil import MINILM, run_edge
 
 MODEL = "all-MiniLM-L6-v2"
@@ -93,22 +92,10 @@ def test_concurrent_requests_batched_together_match(
     with concurrent.futures.ThreadPoolExecutor(len(sentences)) as pool:
         got = list(pool.map(lambda text: infer(edge, [text]), sentences))
     assert float(np.abs(np.concatenate(got) - want).max()) <= TOLERANCE
-    assert _sample(edge, "warmpod_batch_size_count") < _sample(edge, "warmpod_requests_total_like")
-
-
-def _metrics(server: WarmpodServer) -> dict[str, Any]:
-    status, _, body = http("GET", server.url + "/metrics")
-    assert status == 200
-    return {f.name: f for f in text_string_to_metric_families(body.decode())}
-
-
-def _sample(server: WarmpodServer, name: str) -> float:
-    families = _metrics(server)
-    if name == "warmpod_requests_total_like":  # inference requests answered, from the duration histogram
-        family = families["warmpod_request_duration_seconds"]
-        return sum(s.value for s in family.samples if s.name.endswith("_count") and s.labels.get("code") == "200")
-    family = families[name.removesuffix("_count")]
-    return sum(s.value for s in family.samples if s.name == name)
+    metrics = Scrape(edge.url)  # fewer batches than inference requests answered: requests were batched together
+    assert metrics.total("warmpod_batch_size_count") < metrics.total(
+        "warmpod_request_duration_seconds_count", code="200"
+    )
 
 
 def test_openai_and_tritonclient_get_the_same_vectors(edge: WarmpodServer, sentences: list[str]) -> None:
@@ -158,12 +145,12 @@ def test_bad_requests_get_the_servers_answers(
 def test_same_metric_names_as_the_server(servers: tuple[WarmpodServer, WarmpodServer]) -> None:
     torch_server, edge = servers
     infer(edge, ["make sure every inference metric has a sample"])
-    want = {n for n in _metrics(torch_server) if n.startswith("warmpod_")}
-    got = _metrics(edge)
-    assert {n for n in got if n.startswith("warmpod_")} == want
-    assert _sample(edge, "warmpod_ready") == 1
-    assert 0 < _sample(edge, "warmpod_cold_start_seconds") < 30
-    (version,) = [s for s in got["warmpod_model_version_info"].samples if s.value == 1]
+    want = {n for n in Scrape(torch_server.url).families if n.startswith("warmpod_")}
+    got = Scrape(edge.url)
+    assert {n for n in got.families if n.startswith("warmpod_")} == want
+    assert got.total("warmpod_ready") == 1
+    assert 0 < got.total("warmpod_cold_start_seconds") < 30
+    (version,) = [s for s in got.families["warmpod_model_version_info"].samples if s.value == 1]
     assert version.labels["model"] == MODEL and version.labels["family"] == "bert"
 
 
