@@ -50,7 +50,7 @@ from typing import Protocol, cast
 
 import numpy as np
 
-from server.autoscale import PolicyConfig, PolicyState, ReplicaSample, Snapshot, decide, sample_between
+from server.autoscale import PolicyConfig, PolicyState, ReplicaSample, Snapshot, observe_replica, supervise
 from server.batcher import share
 from server.metrics import LATENCY_BUCKETS
 
@@ -431,39 +431,36 @@ def simulate(trace: Trace, service: ServiceModel, policy: Autoscaler | None, con
 
 
 class WarmpodPolicy:
-    """`server.autoscale.decide` as `warmpod up`'s supervisor calls it (server/supervisor.py, `Supervisor.tick`):
-    each tick scrapes the ready replicas; a replica's first scrape is its baseline, later ones give a sample
-    (`sample_between` the previous scrape); no sample yet, no decision; `current` counts ready and starting
-    replicas; a scale-up waits while a replica is still starting."""
+    """`server.autoscale.decide` as `warmpod up`'s supervisor applies it (server/supervisor.py, `Supervisor.tick`),
+    through the same rules (`server.autoscale.observe_replica` and `supervise`): each tick scrapes the ready
+    replicas; a replica's first scrape is its baseline, later ones give a sample (`sample_between` the previous
+    scrape); no sample yet, no decision; `current` counts ready and starting replicas; a scale-up waits while a
+    replica is still starting."""
 
     period_s = 1.0  # `warmpod up --interval` default
 
     def __init__(self, config: PolicyConfig, name: str = "warmpod SLO policy") -> None:
         self.config, self.name = config, name
         self.state = PolicyState()
-        self.previous: dict[int, Snapshot] = {}
+        self.previous: dict[int, Snapshot | None] = {}
         self.reason = ""
 
     def samples(self, now: float, fleet: Fleet) -> list[ReplicaSample]:
         out = []
         for r in fleet.ready:
-            snap = r.snapshot(now)
-            if r.rid in self.previous:
-                out.append(sample_between(f"replica-{r.rid}", self.previous[r.rid], snap))
-            self.previous[r.rid] = snap
+            sample, self.previous[r.rid] = observe_replica(
+                f"replica-{r.rid}", self.previous.get(r.rid), r.snapshot(now)
+            )
+            if sample is not None:
+                out.append(sample)
         return out
 
     def decide(self, now: float, fleet: Fleet) -> int:
-        samples, current = self.samples(now, fleet), fleet.current
-        if not samples:
-            self.reason = "first scrape of the ready replicas"
-            return current
-        d = decide(samples, current, self.state, now, self.config)
-        self.state, self.reason = d.state, d.reason
-        if d.replicas > current and fleet.starting:
-            self.reason += "; holding until the starting replicas are ready"
-            return current
-        return d.replicas
+        samples = self.samples(now, fleet)
+        starting = [f"replica-{r.rid}" for r in fleet.starting]
+        tick = supervise(samples, len(fleet.ready), starting, self.state, now, self.config)
+        self.state, self.reason = tick.state, tick.reason
+        return fleet.current if tick.replicas is None else tick.replicas
 
 
 @dataclass

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import mmap
 import os
@@ -45,7 +46,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from loader.errors import StoreBusy, UsageError
 
@@ -302,17 +303,24 @@ _MADV_POPULATE_READ = 22  # linux/mman.h; Python 3.11's mmap module does not nam
 
 
 def _madvise_populate(mapping: mmap.mmap) -> bool:
-    import ctypes
-
     import numpy as np
 
     view = np.frombuffer(mapping, dtype=np.uint8)  # only to learn the mapping's address
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return bool(libc.madvise(view.ctypes.data, len(mapping), _MADV_POPULATE_READ) == 0)  # ctypes drops the GIL
+        return bool(_madvise()(view.ctypes.data, len(mapping), _MADV_POPULATE_READ) == 0)  # ctypes drops the GIL
     finally:
         del view
+
+
+@functools.cache
+def _madvise() -> Callable[[int, int, int], int]:
+    """libc's madvise, loaded once (every mapping of every version populates through it)."""
+    import ctypes
+
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return cast("Callable[[int, int, int], int]", madvise)
 
 
 def open_model(root: Path, name: str, attempts: int = 5) -> StagedModel:

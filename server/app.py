@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from loader.store import StagedModel, VersionWatcher, open_model
 from server import openai_api, v2
-from server.autoscale import PolicyConfig, Snapshot, parse_snapshot, pod_scale_factor, sample_between
+from server.autoscale import PolicyConfig, Snapshot, pod_scale_factor, sample_between, snapshot_from_families
 from server.batcher import BatchQueue
 from server.errors import BadRequest, ModelError, NotFound, PayloadTooLarge, ServerError, Unavailable
 from server.metrics import ServerMetrics
@@ -175,7 +175,7 @@ async def update_scale_factor(metrics: ServerMetrics, policy: PolicyConfig, wind
     interval = max(0.5, window_s / 10)
     while True:
         now = time.monotonic()
-        history.append(parse_snapshot(generate_latest(metrics.registry).decode(), now))
+        history.append(snapshot_from_families(metrics.registry.collect(), now))  # no exposition text in between
         while len(history) > 2 and history[1].at <= now - window_s:
             history.popleft()
         if len(history) > 1:

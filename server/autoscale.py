@@ -1,7 +1,9 @@
 """The autoscaling policy: observations in, desired replica count out. Pure — no I/O, no clock of its own.
 
 Each tick the caller (the local supervisor, or a simulator) scrapes every replica's metrics, turns the deltas since
-the last tick into one `ReplicaSample` per replica, and calls `decide(samples, current, state, now, config)`.
+the last tick into one `ReplicaSample` per replica, and calls `decide(samples, current, state, now, config)`. Both
+callers do that through `observe_replica` and `supervise`, which hold the rules around it (a replica's first scrape
+is only a baseline; no sample, no decision; no scale-up while a replica is starting), so they cannot drift apart.
 
 The formula
 -----------
@@ -46,12 +48,31 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from string import Formatter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 
 class PolicyError(ValueError):
-    """Invalid policy settings; the message names the setting and the rule."""
+    """Invalid policy settings; the message names the setting(s) and the rule.
+
+    `template` is the message with each setting it names as a named field (`{min_replicas}`) and the values as
+    positional ones (`{0}`); `settings` lists those names. `str()` names them as PolicyConfig does; `render(names)`
+    as the caller calls them (`warmpod up` passes its flags).
+    """
+
+    def __init__(self, template: str, *values: object) -> None:
+        self.template, self.values = template, values
+        self.settings = tuple(name for _, name, _, _ in Formatter().parse(template) if name and not name.isdigit())
+        super().__init__(self.render())
+
+    def render(self, names: Mapping[str, str] | None = None) -> str:
+        """The message, each setting called by `names[setting]` (those not in `names` keep their own name)."""
+        return self.template.format(*self.values, **{s: (names or {}).get(s, s) for s in self.settings})
 
 
 @dataclass(frozen=True)
@@ -74,27 +95,30 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.slo_quantile < 1:
-            raise PolicyError(f"slo_quantile must be in (0, 1), got {self.slo_quantile}")
+            raise PolicyError("{slo_quantile} must be in (0, 1), got {0}", self.slo_quantile)
         if not self.slo_target_s > 0:
-            raise PolicyError(f"slo_target_s must be positive, got {self.slo_target_s}")
-        if self.min_replicas < 0 or self.max_replicas < 1:
-            raise PolicyError(f"replicas: min must be >= 0 and max >= 1, got {self.min_replicas}..{self.max_replicas}")
+            raise PolicyError("{slo_target_s} must be positive, got {0}", self.slo_target_s)
+        if self.min_replicas < 0:
+            raise PolicyError("{min_replicas} must not be negative, got {0}", self.min_replicas)
+        if self.max_replicas < 1:
+            raise PolicyError("{max_replicas} must be at least 1, got {0}", self.max_replicas)
         if self.min_replicas > self.max_replicas:
-            raise PolicyError(f"min_replicas {self.min_replicas} is more than max_replicas {self.max_replicas}")
+            raise PolicyError("{min_replicas} {0} is more than {max_replicas} {1}", self.min_replicas,
+                              self.max_replicas)  # fmt: skip
         if self.min_replicas == 0 and not self.scale_to_zero:
-            raise PolicyError("min_replicas 0 needs scale_to_zero")
+            raise PolicyError("{min_replicas} 0 needs {scale_to_zero}")
         for name in ("stable_window_s", "panic_window_s", "scale_down_window_s", "scale_to_zero_grace_s"):
             if getattr(self, name) < 0:
-                raise PolicyError(f"{name} must not be negative, got {getattr(self, name)}")
+                raise PolicyError("{" + name + "} must not be negative, got {0}", getattr(self, name))
         if self.panic_window_s > self.stable_window_s:
-            raise PolicyError(f"panic_window_s {self.panic_window_s} is longer than stable_window_s "
-                              f"{self.stable_window_s}")  # fmt: skip
+            raise PolicyError("{panic_window_s} {0} is longer than {stable_window_s} {1}", self.panic_window_s,
+                              self.stable_window_s)  # fmt: skip
         if self.panic_threshold < 1 or self.max_scale_up_rate < 1 or self.max_scale_down_rate < 1:
-            raise PolicyError("panic_threshold, max_scale_up_rate and max_scale_down_rate must be at least 1")
+            raise PolicyError("{panic_threshold}, {max_scale_up_rate} and {max_scale_down_rate} must be at least 1")
         if self.service_cv2 < 0:
-            raise PolicyError(f"service_cv2 must not be negative, got {self.service_cv2}")
+            raise PolicyError("{service_cv2} must not be negative, got {0}", self.service_cv2)
         if not 0 < self.max_utilization <= 1 or not 0 <= self.tolerance < 1:
-            raise PolicyError("max_utilization must be in (0, 1] and tolerance in [0, 1)")
+            raise PolicyError("{max_utilization} must be in (0, 1] and {tolerance} in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -271,14 +295,20 @@ def parse_snapshot(text: str, at: float) -> Snapshot:
     """Read a replica's /metrics exposition; ValueError when it is not a warmpod server's metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    requests = batch_seconds = batches = 0.0
-    workers: float | None = None
-    buckets: dict[float, float] = {}
-    found = False
     try:
         families = list(text_string_to_metric_families(text))
     except Exception as e:  # the parser raises ValueError, and others on some malformed input
         raise ValueError(f"not a Prometheus exposition: {e}") from None
+    return snapshot_from_families(families, at)
+
+
+def snapshot_from_families(families: Iterable[Metric], at: float) -> Snapshot:
+    """The snapshot in a replica's metric families: a parsed exposition (`parse_snapshot`), or its own registry's
+    `collect()` (no text in between); ValueError when they are not a warmpod server's metrics."""
+    requests = batch_seconds = batches = 0.0
+    workers: float | None = None
+    buckets: dict[float, float] = {}
+    found = False
     for family in families:
         for s in family.samples:
             if s.name == "warmpod_request_duration_seconds_bucket" and _answered(s.labels):
@@ -319,6 +349,54 @@ def sample_between(name: str, before: Snapshot, after: Snapshot) -> ReplicaSampl
         service_s=batch_seconds / batches if batches > 0 else 0.0,
         latency_buckets=tuple((b, c - earlier.get(b, 0.0)) for b, c in after.latency_buckets),
     )
+
+
+# ------------------------------------------------------------------------------- one tick of a supervisor
+
+
+def observe_replica(
+    name: str, previous: Snapshot | None, scraped: Snapshot | None
+) -> tuple[ReplicaSample | None, Snapshot | None]:
+    """A ready replica's part of a tick, from this tick's scrape (None: unreadable) and its last readable one: the
+    sample for `decide` (None from its first readable scrape, which is only the baseline; ok=False when unreadable)
+    and the snapshot the next scrape is compared with."""
+    if scraped is None:
+        return ReplicaSample(name, ok=False), previous
+    return (None if previous is None else sample_between(name, previous, scraped)), scraped
+
+
+@dataclass(frozen=True)
+class Tick:
+    """What a supervisor does this tick: the replica count to reconcile to (None: no decision, keep the current
+    target), why, the state for the next tick, and the policy's decision (None when it was not asked)."""
+
+    replicas: int | None
+    reason: str
+    state: PolicyState
+    decision: Decision | None = None
+
+
+def supervise(
+    samples: Sequence[ReplicaSample],
+    ready: int,
+    starting: Sequence[str],
+    state: PolicyState,
+    now: float,
+    config: PolicyConfig,
+) -> Tick:
+    """`decide` as a supervisor applies it (`warmpod up`'s, and the simulator's in bench/): the replicas are the
+    `ready` ones plus the `starting` ones (named); no sample yet (every ready replica had only its baseline scrape)
+    means no decision; a scale-up waits while a replica is still starting, so a slow start is not answered by
+    starting more."""
+    if not samples:
+        return Tick(None, "first scrape of a ready worker" if ready else "waiting for a ready worker", state)
+    current = ready + len(starting)
+    decision = decide(samples, current, state, now, config)
+    desired, reason = decision.replicas, decision.reason
+    if desired > current and starting:
+        desired = current
+        reason += f"; holding until {', '.join(starting)} {'is' if len(starting) == 1 else 'are'} ready"
+    return Tick(desired, reason, decision.state, decision)
 
 
 def pod_scale_factor(sample: ReplicaSample, config: PolicyConfig) -> float:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -22,20 +23,29 @@ if TYPE_CHECKING:
 log = logging.getLogger("warmpod.server")
 
 
-def _positive(kind: type[int] | type[float], minimum: float = 1) -> Callable[[str], int | float]:
+# The line a server with --metrics-port prints once that port listens, after "PROG: ". `warmpod up`'s supervisor
+# (server/supervisor.py) learns each worker's private port from it.
+METRICS_LINE_FORMAT = "metrics and health on http://127.0.0.1:{port}"
+METRICS_LINE = re.compile(re.escape(METRICS_LINE_FORMAT.split("{port}")[0]) + r"(\d+)")
+
+
+def positive(kind: type[int] | type[float], minimum: float = 1) -> Callable[[str], int | float]:
+    """An argparse `type=`: a number of `kind` at least `minimum` (NaN refused)."""
+
     def parse(text: str) -> int | float:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value < minimum:
+        if not value >= minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
         return value
 
     return parse
 
 
-def _quantile(text: str) -> float:
+def quantile(text: str) -> float:
+    """An argparse `type=`: a quantile, in (0, 1)."""
     try:
         value = float(text)
     except ValueError:
@@ -45,10 +55,12 @@ def _quantile(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, allow_abbrev: bool = True) -> argparse.ArgumentParser:
+    """`warmpod serve`'s flags; `allow_abbrev=False` for `warmpod up`, which must see every flag spelled out."""
     p = argparse.ArgumentParser(
         prog="warmpod serve",
         description="Serve a staged model over Open Inference Protocol v2 (and OpenAI /v1/embeddings).",
+        allow_abbrev=allow_abbrev,
     )
     p.add_argument("--model", required=True, help="model name in the store (as given to `warmpod load --model`)")
     p.add_argument(
@@ -58,11 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"store root (default $WARMPOD_STORE or {DEFAULT_ROOT})",
     )
     add_serving_arguments(p, default_port=8080)
-    p.add_argument("--threads", type=_positive(int), default=1, help="torch intra-op threads per forward (default 1)")
+    p.add_argument("--threads", type=positive(int), default=1, help="torch intra-op threads per forward (default 1)")
     p.add_argument("--factory", help="serve any nn.Module: package.module:function (receives config.json's dict)")
     p.add_argument(
         "--metrics-port",
-        type=_positive(int, 0),
+        type=positive(int, 0),
         help="also serve on 127.0.0.1:P, a port of this process alone (0 picks one): health and /metrics for a "
         "supervisor, since a shared --reuse-port port reaches any of the servers. With --reuse-port, the shared port "
         "is joined only once the model is ready and left first on SIGTERM, so the other servers take new connections",
@@ -75,27 +87,27 @@ def add_serving_arguments(p: argparse.ArgumentParser, *, default_port: int) -> N
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 in a pod)")
     p.add_argument(
         "--port",
-        type=_positive(int, 0),
+        type=positive(int, 0),
         default=default_port,
         help=f"port (default {default_port}; 0 picks a free one)",
     )
-    p.add_argument("--max-batch-size", type=_positive(int), default=32, help="rows per forward pass (default 32)")
+    p.add_argument("--max-batch-size", type=positive(int), default=32, help="rows per forward pass (default 32)")
     p.add_argument(
         "--max-batch-delay-ms",
-        type=_positive(float, 0),
+        type=positive(float, 0),
         default=2.0,
         help="how long a batch waits for more requests after its first one arrives (default 2 ms)",
     )
-    p.add_argument("--max-queue", type=_positive(int), default=256, help="requests waiting before 503s (default 256)")
+    p.add_argument("--max-queue", type=positive(int), default=256, help="requests waiting before 503s (default 256)")
     p.add_argument(
-        "--workers", type=_positive(int), default=1, help="forward passes that run at once, on threads (default 1)"
+        "--workers", type=positive(int), default=1, help="forward passes that run at once, on threads (default 1)"
     )
     p.add_argument("--max-body-bytes", type=size_arg, default=32 << 20, help="request body limit (default 32MiB)")
     p.add_argument(
-        "--request-timeout", type=_positive(float, 0.001), default=30.0, help="per-request deadline, seconds (30)"
+        "--request-timeout", type=positive(float, 0.001), default=30.0, help="per-request deadline, seconds (30)"
     )
     p.add_argument(
-        "--drain-grace", type=_positive(float, 0), default=25.0, help="seconds to finish requests on SIGTERM (25)"
+        "--drain-grace", type=positive(float, 0), default=25.0, help="seconds to finish requests on SIGTERM (25)"
     )
     p.add_argument(
         "--no-truncate",
@@ -106,14 +118,14 @@ def add_serving_arguments(p: argparse.ArgumentParser, *, default_port: int) -> N
     )
     p.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT: several servers share one port")
     p.add_argument(
-        "--slo-target-ms", type=_positive(float, 0.001), default=100.0,
+        "--slo-target-ms", type=positive(float, 0.001), default=100.0,
         help="latency SLO target for the warmpod_scale_factor gauge (default 100 ms)",
     )  # fmt: skip
     p.add_argument(
-        "--slo-quantile", type=_quantile, default=0.95, help="the SLO's latency quantile, in (0, 1) (default 0.95)"
+        "--slo-quantile", type=quantile, default=0.95, help="the SLO's latency quantile, in (0, 1) (default 0.95)"
     )
     p.add_argument(
-        "--signal-window", type=_positive(float, 1), default=30.0,
+        "--signal-window", type=positive(float, 1), default=30.0,
         help="seconds of traffic the warmpod_scale_factor gauge looks back over (default 30)",
     )  # fmt: skip
 
@@ -172,8 +184,8 @@ async def serve(
             private = web.TCPSite(runner, "127.0.0.1", metrics_port)
             if not await _listen(private, prog, "127.0.0.1", metrics_port):
                 return 2
-            host, port = runner.addresses[-1][:2]
-            print(f"{prog}: metrics and health on http://{host}:{port}", file=sys.stderr, flush=True)
+            port = runner.addresses[-1][1]
+            print(f"{prog}: {METRICS_LINE_FORMAT.format(port=port)}", file=sys.stderr, flush=True)
         state = app[STATE]
         left = False  # the shared port was left (handoff)
 

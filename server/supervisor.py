@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import ctypes
 import logging
-import re
 import signal
 import socket
 import sys
@@ -33,10 +32,11 @@ from server.autoscale import (
     PolicyState,
     ReplicaSample,
     Snapshot,
-    decide,
+    observe_replica,
     parse_snapshot,
-    sample_between,
+    supervise,
 )
+from server.cli import METRICS_LINE
 
 log = logging.getLogger("warmpod.up")
 
@@ -45,7 +45,6 @@ READY_POLL_S = 0.1  # how often a starting worker's readiness is asked
 STOP_MARGIN_S = 5.0  # on stop, how long past the workers' drain grace to wait before killing them
 LOADER_STOP_S = 10.0
 QUIET_STATUS_S = 30.0  # an unchanged status line is logged again after this long (a changed one at once)
-METRICS_LINE = re.compile(r"metrics and health on http://127\.0\.0\.1:(\d+)")
 
 Phase = Literal["starting", "ready", "draining"]
 HttpGet = Callable[[str], Awaitable[tuple[int, str]]]  # url → (status, body); raises on connection errors
@@ -72,10 +71,14 @@ class UpConfig:
         return cmd + (["--watch", f"{self.watch_s:g}"] if self.watch_s is not None else [])
 
     def worker_command(self, port: int) -> list[str]:
+        return [self.python, "-m", "warmpod", "serve", *self.own_serve_args(port), *self.serve_args]
+
+    def own_serve_args(self, port: int) -> list[str]:
+        """The `warmpod serve` arguments `warmpod up` sets on every worker (the user's `serve_args` may not)."""
         q, target_ms = self.policy.slo_quantile, self.policy.slo_target_s * 1000
-        return [self.python, "-m", "warmpod", "serve", "--model", self.model, "--store", str(self.store),
-                "--host", self.host, "--port", str(port), "--reuse-port", "--metrics-port", "0",
-                "--slo-target-ms", f"{target_ms:g}", "--slo-quantile", f"{q:g}", *self.serve_args]  # fmt: skip
+        return ["--model", self.model, "--store", str(self.store), "--host", self.host, "--port", str(port),
+                "--reuse-port", "--metrics-port", "0", "--slo-target-ms", f"{target_ms:g}",
+                "--slo-quantile", f"{q:g}"]  # fmt: skip
 
 
 class ChildProcess(Protocol):
@@ -136,18 +139,13 @@ class Supervisor:
         now = self.clock()
         samples = await self.observe()
         active = self.active()
-        if not samples:
-            ready = any(w.phase == "ready" for w in active)
-            self.reason = "first scrape of a ready worker" if ready else "waiting for a ready worker"
-        else:
-            self.decision = decision = decide(samples, len(active), self.state, now, self.config.policy)
-            self.state = decision.state
-            desired, self.reason = decision.replicas, decision.reason
-            starting = [w.name for w in active if w.phase == "starting"]
-            if desired > len(active) and starting:
-                held = f"; holding until {', '.join(starting)} {'is' if len(starting) == 1 else 'are'} ready"
-                desired, self.reason = len(active), self.reason + held
-            self.target = desired
+        ready, starting = sum(w.phase == "ready" for w in active), [w.name for w in active if w.phase == "starting"]
+        tick = supervise(samples, ready, starting, self.state, now, self.config.policy)
+        self.state, self.reason = tick.state, tick.reason
+        if tick.decision is not None:
+            self.decision = tick.decision
+        if tick.replicas is not None:
+            self.target = tick.replicas
         self.reconcile()
         line = self.status_line()
         if line != self._last_line or now - self._last_logged >= QUIET_STATUS_S:
@@ -165,14 +163,13 @@ class Supervisor:
                     log.warning("%s: metrics unreadable (%s); unknown until they are: no scale-down meanwhile",
                                 worker.name, result)  # fmt: skip
                 worker.unknown = result
-                samples.append(ReplicaSample(worker.name, ok=False))
-                continue
-            if worker.unknown is not None:
+            elif worker.unknown is not None:
                 log.info("%s: metrics readable again", worker.name)
                 worker.unknown = None
-            if worker.snapshot is not None:
-                samples.append(sample_between(worker.name, worker.snapshot, result))
-            worker.snapshot = result
+            scrape = None if isinstance(result, str) else result
+            sample, worker.snapshot = observe_replica(worker.name, worker.snapshot, scrape)
+            if sample is not None:
+                samples.append(sample)
         return samples
 
     async def scrape(self, worker: Worker) -> Snapshot | str:

@@ -13,16 +13,19 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loader.store import DEFAULT_ROOT
 from server.autoscale import PolicyConfig, PolicyError
+from server.cli import build_parser as serve_parser
+from server.cli import positive, quantile
 
 if TYPE_CHECKING:
     from server.supervisor import UpConfig
 
-# The policy's setting → this command's flag, so its messages name what the user typed.
+# The policy's setting → this command's flag, so its messages name what the user typed (PolicyError.render).
 FLAGS = {
     "slo_quantile": "--slo-quantile",
     "min_replicas": "--min-replicas",
@@ -31,9 +34,6 @@ FLAGS = {
     "panic_window_s": "--panic-window",
     "scale_down_window_s": "--scale-down-window",
 }
-# `warmpod serve` flags that `warmpod up` sets itself on every worker.
-OWN_SERVE_FLAGS = ("--model", "--store", "--host", "--port", "--reuse-port", "--metrics-port", "--slo-target-ms",
-                   "--slo-quantile")  # fmt: skip
 
 
 class UsageError(ValueError):
@@ -65,35 +65,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--port", type=int, default=8080, metavar="P", help="the port the workers share (default 8080; 0 picks one)"
     )
-    p.add_argument("--min-replicas", type=int, default=1, metavar="N", help="fewest workers (default 1)")
+    p.add_argument("--min-replicas", type=positive(int), default=1, metavar="N", help="fewest workers (default 1)")
     cpus = os.cpu_count() or 1
     p.add_argument(
-        "--max-replicas", type=int, default=cpus, metavar="N", help=f"most workers (default: the CPU count, {cpus})"
+        "--max-replicas",
+        type=positive(int),
+        default=cpus,
+        metavar="N",
+        help=f"most workers (default: the CPU count, {cpus})",
     )
     p.add_argument(
-        "--slo-target-ms", type=float, default=100.0, metavar="MS", help="latency target at the quantile (default 100)"
+        "--slo-target-ms",
+        type=positive(float, 0.001),
+        default=100.0,
+        metavar="MS",
+        help="latency target at the quantile (default 100)",
     )
     p.add_argument(
-        "--slo-quantile", type=float, default=0.95, metavar="Q", help="the SLO's quantile, in (0, 1) (default 0.95)"
+        "--slo-quantile", type=quantile, default=0.95, metavar="Q", help="the SLO's quantile, in (0, 1) (default 0.95)"
     )
     p.add_argument(
         "--interval",
-        type=float,
+        type=positive(float, 0.001),
         default=1.0,
         metavar="SECONDS",
         help="seconds between scrapes and decisions (default 1: a spike fills queues in about a second)",
     )
-    p.add_argument("--stable-window", type=float, default=60.0, metavar="SECONDS", help="demand averaged over (60)")
-    p.add_argument("--panic-window", type=float, default=6.0, metavar="SECONDS", help="bursts averaged over (6)")
+    p.add_argument(
+        "--stable-window", type=positive(float, 0), default=60.0, metavar="SECONDS", help="demand averaged over (60)"
+    )
+    p.add_argument(
+        "--panic-window", type=positive(float, 0), default=6.0, metavar="SECONDS", help="bursts averaged over (6)"
+    )
     p.add_argument(
         "--scale-down-window",
-        type=float,
+        type=positive(float, 0),
         default=300.0,
         metavar="SECONDS",
         help="scale down to the highest need of the last (300 s)",
     )
     p.add_argument(
-        "--watch", type=float, metavar="SECONDS", help="keep the loader running: poll the source every SECONDS"
+        "--watch",
+        type=positive(float, 0.001),
+        metavar="SECONDS",
+        help="keep the loader running: poll the source every SECONDS",
     )
     p.add_argument(
         "--status-port", type=int, default=0, metavar="P", help="GET /status on 127.0.0.1:P (default 0: picks one)"
@@ -102,11 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def policy_from_args(args: argparse.Namespace) -> PolicyConfig:
-    """The policy's settings from the flags; UsageError naming the flag when one is invalid."""
-    if not args.slo_target_ms > 0:
-        raise UsageError(f"--slo-target-ms must be positive, got {args.slo_target_ms:g}")
-    if args.min_replicas < 1:
-        raise UsageError(f"--min-replicas must be at least 1, got {args.min_replicas}")
+    """The policy's settings from the flags (each already valid alone: argparse checked it); UsageError naming the
+    flags when they do not go together."""
     try:
         return PolicyConfig(
             slo_quantile=args.slo_quantile,
@@ -118,37 +130,19 @@ def policy_from_args(args: argparse.Namespace) -> PolicyConfig:
             scale_down_window_s=args.scale_down_window,
         )
     except PolicyError as e:
-        message = str(e)
-        for setting, flag in FLAGS.items():
-            message = message.replace(setting, flag)
-        raise UsageError(message) from None
+        raise UsageError(e.render(FLAGS)) from None
 
 
 def config_from_args(args: argparse.Namespace, serve_args: Sequence[str]) -> UpConfig:
     policy = policy_from_args(args)
-    if not args.interval > 0:
-        raise UsageError(f"--interval must be a positive number of seconds, got {args.interval:g}")
-    if args.watch is not None and not args.watch > 0:
-        raise UsageError(f"--watch must be a positive number of seconds, got {args.watch:g}")
     for name, port in (("--port", args.port), ("--status-port", args.status_port)):
         if not 0 <= port <= 65535:
             raise UsageError(f"{name} must be a port number (0 to 65535), got {port}")
-    for arg in serve_args:
-        if arg.split("=", 1)[0] in OWN_SERVE_FLAGS:
-            raise UsageError(f"{arg.split('=', 1)[0]} is set by warmpod up: give it before --, to warmpod up itself")
     from loader.errors import LoaderError
     from loader.store import check_model_name
-    from server.cli import build_parser as serve_parser
     from server.supervisor import UpConfig
 
-    try:
-        check_model_name(args.model)
-    except LoaderError as e:
-        raise UsageError(str(e)) from None
-    parser = serve_parser()
-    parser.prog, parser.usage = "warmpod up", "warmpod up SOURCE --model NAME [options] -- [warmpod serve options]"
-    serve = parser.parse_args(["--model", args.model, "--store", str(args.store), *serve_args])  # exit 2 if bad
-    return UpConfig(
+    config = UpConfig(
         source=args.source,
         model=args.model,
         store=args.store,
@@ -158,9 +152,20 @@ def config_from_args(args: argparse.Namespace, serve_args: Sequence[str]) -> UpC
         interval_s=args.interval,
         watch_s=args.watch,
         status_port=args.status_port,
-        serve_args=tuple(serve_args),
-        drain_grace_s=serve.drain_grace,
     )
+    own = {arg for arg in config.own_serve_args(config.port) if arg.startswith("--")}
+    for arg in serve_args:
+        if arg.split("=", 1)[0] in own:
+            raise UsageError(f"{arg.split('=', 1)[0]} is set by warmpod up: give it before --, to warmpod up itself")
+    try:
+        check_model_name(args.model)
+    except LoaderError as e:
+        raise UsageError(str(e)) from None
+    # No abbreviations: the worker would read `--po 9000` as `--port 9000`, overriding the port warmpod up sets.
+    parser = serve_parser(allow_abbrev=False)
+    parser.prog, parser.usage = "warmpod up", "warmpod up SOURCE --model NAME [options] -- [warmpod serve options]"
+    serve = parser.parse_args(["--model", args.model, "--store", str(args.store), *serve_args])  # exit 2 if bad
+    return replace(config, serve_args=tuple(serve_args), drain_grace_s=serve.drain_grace)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,9 +17,12 @@ from server.autoscale import (
     decide,
     histogram_quantile,
     latency_quantile,
+    observe_replica,
     parse_snapshot,
     pod_scale_factor,
     sample_between,
+    snapshot_from_families,
+    supervise,
 )
 
 CONFIG = PolicyConfig(slo_quantile=0.95, slo_target_s=0.1, min_replicas=1, max_replicas=10)
@@ -47,6 +50,22 @@ def replica(name: str, rate: float, busy: float, buckets: tuple[tuple[float, flo
 def test_invalid_settings_are_refused(settings: dict[str, float], message: str) -> None:
     with pytest.raises(PolicyError, match=message):
         PolicyConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_policy_errors_name_their_settings_and_render_with_the_callers_names() -> None:
+    with pytest.raises(PolicyError) as low:
+        PolicyConfig(max_replicas=0)
+    assert str(low.value) == "max_replicas must be at least 1, got 0" and low.value.settings == ("max_replicas",)
+    with pytest.raises(PolicyError) as negative:
+        PolicyConfig(min_replicas=-1, max_replicas=0)
+    assert str(negative.value) == "min_replicas must not be negative, got -1"
+    with pytest.raises(PolicyError) as crossed:
+        PolicyConfig(min_replicas=3, max_replicas=2)
+    assert crossed.value.settings == ("min_replicas", "max_replicas")
+    flags = {"min_replicas": "--min-replicas", "max_replicas": "--max-replicas"}
+    assert crossed.value.render(flags) == "--min-replicas 3 is more than --max-replicas 2"
+    assert crossed.value.render({"max_replicas": "--max"}) == "min_replicas 3 is more than --max 2"  # others kept
+    assert str(crossed.value) == crossed.value.render() == "min_replicas 3 is more than max_replicas 2"
 
 
 def test_histogram_quantile_interpolates_like_prometheus() -> None:
@@ -176,3 +195,53 @@ def test_pod_scale_factor_is_demand_over_capacity_or_the_slo_overshoot() -> None
     late = ReplicaSample("b", rate_rps=1, busy=0.01, service_s=0.01, latency_buckets=SLOW)
     assert pod_scale_factor(late, CONFIG) == pytest.approx(0.25 / 0.1)
     assert pod_scale_factor(ReplicaSample("idle"), CONFIG) == 0.0
+
+
+def test_a_registry_read_directly_gives_the_snapshot_its_exposition_gives() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from server.metrics import ServerMetrics
+
+    metrics = ServerMetrics(CollectorRegistry())
+    metrics.workers.set(3)
+    for latency in (0.004, 0.02, 0.02, 0.3, 12.0):
+        metrics.request_seconds.labels("m", "embeddings", "200").observe(latency)
+    metrics.request_seconds.labels("m", "infer", "503").observe(0.001)
+    metrics.batch_seconds.labels("m").observe(0.015)
+    direct = snapshot_from_families(metrics.registry.collect(), at=5.0)
+    assert direct == parse_snapshot(generate_latest(metrics.registry).decode(), at=5.0)
+    assert direct.requests == 5 and direct.workers == 3 and direct.latency_buckets[-1] == (math.inf, 5.0)
+    with pytest.raises(ValueError, match="no warmpod_"):
+        snapshot_from_families(CollectorRegistry().collect(), at=0.0)
+
+
+# ------------------------------------------------------------------------------- one tick of a supervisor
+
+
+def test_a_replicas_first_scrape_is_its_baseline_and_an_unreadable_one_keeps_it() -> None:
+    first = parse_snapshot(_exposition(10, 0.02, 5, 0.04), at=0.0)
+    second = parse_snapshot(_exposition(30, 0.02, 15, 0.04), at=2.0)
+    assert observe_replica("w1", None, first) == (None, first)
+    sample, baseline = observe_replica("w1", first, None)
+    assert sample == ReplicaSample("w1", ok=False) and baseline is first
+    sample, baseline = observe_replica("w1", first, second)
+    assert sample == sample_between("w1", first, second) and baseline is second
+
+
+def test_a_tick_without_samples_decides_nothing() -> None:
+    state = PolicyState(capacity_rps=5.0)
+    waiting = supervise([], 0, ["w1"], state, 0.0, CONFIG)
+    assert waiting.replicas is None and waiting.decision is None and waiting.state is state
+    assert waiting.reason == "waiting for a ready worker"
+    assert supervise([], 1, [], state, 0.0, CONFIG).reason == "first scrape of a ready worker"
+
+
+def test_a_scale_up_waits_for_the_replicas_still_starting() -> None:
+    burst = [replica("w1", 20, 0.2, SLOW)]  # the SLO is broken: the policy wants more
+    assert supervise(burst, 2, [], PolicyState(), 0.0, CONFIG).replicas == 4
+    held = supervise(burst, 1, ["w2"], PolicyState(), 0.0, CONFIG)  # 2 replicas, one of them starting
+    assert held.replicas == 2 and held.reason.endswith("; holding until w2 is ready")
+    assert held.decision is not None and held.decision.replicas == 4 and held.state == held.decision.state
+    idle = [replica(n, 1, 0.01) for n in ("w1", "w2")]
+    quiet = PolicyConfig(stable_window_s=0, panic_window_s=0, scale_down_window_s=0)
+    assert supervise(idle, 2, ["w3"], PolicyState(), 0.0, quiet).replicas == 1  # scale-down is not held

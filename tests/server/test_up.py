@@ -23,8 +23,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from server.autoscale import PolicyConfig
+from server.cli import METRICS_LINE
 from server.metrics import ServerMetrics
-from server.supervisor import METRICS_LINE, Supervisor, UpConfig, Worker
+from server.supervisor import Supervisor, UpConfig, Worker
 from tests.cliutil import cli_env
 from tests.modelgen import write_slow_dir
 from tests.servers import ServerStartError, wait_until
@@ -45,13 +46,21 @@ def up_cmd(*args: str | Path) -> list[str]:
     ("args", "message"),
     [
         (["--min-replicas", "3", "--max-replicas", "2"], "--min-replicas 3 is more than --max-replicas 2"),
-        (["--stable-window", "-1"], "--stable-window must not be negative, got -1.0"),
-        (["--scale-down-window", "-5"], "--scale-down-window must not be negative, got -5.0"),
-        (["--slo-quantile", "1.5"], r"--slo-quantile must be in (0, 1), got 1.5"),
-        (["--slo-target-ms", "0"], "--slo-target-ms must be positive, got 0"),
-        (["--min-replicas", "0"], "--min-replicas must be at least 1, got 0"),
-        (["--interval", "0"], "--interval must be a positive number of seconds, got 0"),
+        (["--panic-window", "90"], "--panic-window 90.0 is longer than --stable-window 60.0"),
+        (["--stable-window", "-1"], "argument --stable-window: must be at least 0, got -1"),
+        (["--panic-window", "-1"], "argument --panic-window: must be at least 0, got -1"),
+        (["--scale-down-window", "-5"], "argument --scale-down-window: must be at least 0, got -5"),
+        (["--slo-quantile", "1.5"], r"argument --slo-quantile: must be in (0, 1), got 1.5"),
+        (["--slo-target-ms", "0"], "argument --slo-target-ms: must be at least 0.001, got 0"),
+        (["--min-replicas", "0"], "argument --min-replicas: must be at least 1, got 0"),
+        (["--max-replicas", "0"], "argument --max-replicas: must be at least 1, got 0"),
+        (["--interval", "0"], "argument --interval: must be at least 0.001, got 0"),
+        (["--interval", "nan"], "argument --interval: must be at least 0.001, got nan"),
+        (["--watch", "0"], "argument --watch: must be at least 0.001, got 0"),
+        (["--port", "70000"], "--port must be a port number (0 to 65535), got 70000"),
         (["--", "--port", "9000"], "--port is set by warmpod up: give it before --, to warmpod up itself"),
+        (["--", "--slo-quantile=0.5"], "--slo-quantile is set by warmpod up: give it before --, to warmpod up itself"),
+        (["--", "--po", "9000"], "unrecognized arguments: --po 9000"),  # no abbreviation slips past the check
         (["--", "--workers", "0"], "argument --workers: must be at least 1, got 0"),
     ],
 )
