@@ -107,9 +107,8 @@ class Graph:
         ]
 
 
-def mlp_graph(config: Mapping[str, Any]) -> Graph:
-    """The engine graph of a `model_type: mlp` config.json (checked as the server's MLP family checks it)."""
-    spec = MLPConfig.from_json(config)
+def mlp_graph(spec: MLPConfig) -> Graph:
+    """The engine graph of an MLP; its config has MLPConfig's fields, so `MLPConfig(**graph.config)` gives it back."""
     tensors: list[tuple[str, tuple[int, ...]]] = []
     for i, (a, b) in enumerate(itertools.pairwise(spec.sizes)):
         tensors += [(f"layers.{i}.weight", (b, a)), (f"layers.{i}.bias", (b,))]
@@ -151,18 +150,15 @@ def bert_graph(config: BertConfig, settings: SentenceSettings) -> Graph:
     return Graph("bert", config_out, tuple(tensors))
 
 
-def mlp_config_json(config: Mapping[str, Any]) -> dict[str, Any]:
-    """An MLP bundle's `config` (layer `sizes`) as the config.json the MLP family reads (input/hidden/output sizes)."""
-    sizes = config.get("sizes")
-    if not isinstance(sizes, list) or len(sizes) < 2:
-        raise ModelError(f"{MANIFEST}: config.sizes must list at least two layer sizes, got {sizes!r}")
-    return {"input_size": sizes[0], "hidden_sizes": sizes[1:-1], "output_size": sizes[-1], **config}
-
-
 def graph_of(kind: str, config: Mapping[str, Any]) -> Graph:
     """A bundle's graph from its edge.json `config` (the inverse of Graph.config); ModelError names what is wrong."""
     if kind == "mlp":
-        return mlp_graph(mlp_config_json(config))
+        sizes = config.get("sizes")
+        if not isinstance(sizes, list) or len(sizes) < 2:
+            raise ModelError(f"{MANIFEST}: config.sizes must list at least two layer sizes, got {sizes!r}")
+        # Checked as the MLP family checks a config.json, so a bad bundle is named as a bad model would be.
+        as_json = {"input_size": sizes[0], "hidden_sizes": sizes[1:-1], "output_size": sizes[-1], **config}
+        return mlp_graph(MLPConfig.from_json(as_json))
     if kind == "bert":
         bert = BertConfig.from_json(config)
         pooling, normalize = config.get("pooling"), config.get("normalize")
@@ -353,7 +349,7 @@ def from_model(files: ModelFiles) -> Bundle:
     kind = config.get("model_type")
     what = f"model {files.name!r}"
     if kind == "mlp":
-        graph = mlp_graph(config)
+        graph = mlp_graph(MLPConfig.from_json(config))
         tensors = files.load_tensors()
         text = tokenizer = None
     elif kind == "bert":

@@ -12,10 +12,10 @@ import numpy as np
 
 from server.errors import DeadlineExceeded, ModelError, ServerError
 from server.families.common import split_rows, stack_inputs
-from server.families.mlp_spec import MLPInterface
+from server.families.mlp_spec import MLPConfig, MLPInterface
 from server.families.sentence import BertConfig, SentenceSettings, TextEncoder, load_tokenizer
 from server.model import Prepared, ServedModel
-from wasm.bundle import Bundle, mlp_config_json
+from wasm.bundle import Bundle
 from wasm.host import EngineError, EngineInstance, EngineInterrupted, EnginePool
 
 
@@ -93,19 +93,20 @@ class EdgeMLP(OnEngine, MLPInterface):
     """An MLP / classifier on the engine (softmax / sigmoid computed in the guest too)."""
 
     def __init__(self, bundle: Bundle, pool: EnginePool, version: str) -> None:
-        super().__init__(bundle.name, version, None, mlp_config_json(bundle.graph.config))
+        # The graph was checked when the bundle was built or loaded, and its config holds MLPConfig's fields.
+        super().__init__(bundle.name, version, None, MLPConfig(**bundle.graph.config))
         self.pool = pool
 
     def run(self, batch: Sequence[Prepared]) -> list[dict[str, np.ndarray]]:
         (x,) = stack_inputs(batch, ["input"])
         rows, out = x.shape[0], self.output_size
-        outputs = 2 if self.output_activation else 1
+        outputs = 2 if self.spec.output_activation else 1
         with self.engine() as engine:
             in_ptr, out_ptr = engine.buffers(x.size * 4, outputs * rows * out * 4)
             engine.view(in_ptr, np.float32, x.shape)[...] = x
             self.forward(engine, rows, 0)
             result = engine.view(out_ptr, np.float32, (outputs, rows, out)).copy()
-        return self.finish(batch, result[0], result[1] if self.output_activation else None)
+        return self.finish(batch, result[0], result[1] if self.spec.output_activation else None)
 
 
 def edge_model(bundle: Bundle, pool: EnginePool, *, truncate: bool | None = None) -> ServedModel:

@@ -14,7 +14,7 @@ from torch import nn
 
 from loader.store import StagedModel
 from server.families.common import stack_inputs
-from server.families.mlp_spec import MLPInterface
+from server.families.mlp_spec import MLPConfig, MLPInterface
 from server.model import Prepared, assign_weights, build_on_meta
 
 
@@ -47,15 +47,16 @@ def _activate(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 class MLPModel(MLPInterface):
-    def __init__(self, name: str, version: str, staged: StagedModel | None, config: Mapping[str, Any]) -> None:
-        super().__init__(name, version, staged, config)
+    def __init__(self, name: str, version: str, staged: StagedModel | None, spec: MLPConfig) -> None:
+        super().__init__(name, version, staged, spec)
         self.module: MLP | None = None
         self.dtype = torch.float32
 
     @classmethod
     def from_staged(cls, name: str, staged: StagedModel, config: Mapping[str, Any]) -> MLPModel:
-        model = cls(name, staged.version, staged, config)
-        module = build_on_meta(lambda: MLP(model.sizes, model.activation))
+        spec = MLPConfig.from_json(config)
+        model = cls(name, staged.version, staged, spec)
+        module = build_on_meta(lambda: MLP(spec.sizes, spec.activation))
         assign_weights(module, staged.tensors(), what=f"mlp model {name!r} version {staged.version}")
         model.module = module
         model.dtype = next(module.parameters()).dtype
@@ -67,9 +68,9 @@ class MLPModel(MLPInterface):
         with torch.inference_mode():
             logits = self.module(torch.from_numpy(np.ascontiguousarray(x)).to(self.dtype)).float()
             probabilities = None
-            if self.output_activation == "softmax":
+            if self.spec.output_activation == "softmax":
                 probabilities = torch.softmax(logits, dim=-1).numpy()
-            elif self.output_activation == "sigmoid":
+            elif self.spec.output_activation == "sigmoid":
                 probabilities = torch.sigmoid(logits).numpy()
         return self.finish(batch, logits.numpy(), probabilities)
 

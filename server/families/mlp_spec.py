@@ -75,14 +75,17 @@ class MLPInterface(ServedModel):
 
     family = "mlp"
 
-    def __init__(self, name: str, version: str, staged: StagedModel | None, config: Mapping[str, Any]) -> None:
+    def __init__(self, name: str, version: str, staged: StagedModel | None, spec: MLPConfig) -> None:
         super().__init__(name, version, staged)
-        spec = MLPConfig.from_json(config)
-        self.sizes = spec.sizes
-        self.input_size, self.output_size = spec.sizes[0], spec.sizes[-1]
-        self.activation = spec.activation
-        self.output_activation = spec.output_activation
-        self.labels = spec.labels
+        self.spec = spec
+
+    @property
+    def input_size(self) -> int:
+        return self.spec.sizes[0]
+
+    @property
+    def output_size(self) -> int:
+        return self.spec.sizes[-1]
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -91,9 +94,9 @@ class MLPInterface(ServedModel):
     @property
     def outputs(self) -> tuple[TensorSpec, ...]:
         specs = [TensorSpec("logits", "FP32", (-1, self.output_size))]
-        if self.output_activation:
+        if self.spec.output_activation:
             specs.append(TensorSpec("probabilities", "FP32", (-1, self.output_size)))
-        if self.labels:
+        if self.spec.labels:
             specs.append(TensorSpec("label", "BYTES", (-1,)))
         return tuple(specs)
 
@@ -109,9 +112,9 @@ class MLPInterface(ServedModel):
         outputs = {"logits": logits}
         if probabilities is not None:
             outputs["probabilities"] = probabilities
-        if self.labels:
+        if self.spec.labels:
             best = logits.argmax(axis=-1)
-            outputs["label"] = np.array([self.labels[i].encode() for i in best], dtype=object)
+            outputs["label"] = np.array([self.spec.labels[i].encode() for i in best], dtype=object)
         return split_rows(batch, outputs)
 
     def example_inputs(self) -> dict[str, Tensor]:

@@ -17,6 +17,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from server.errors import ModelError
+from server.families.mlp_spec import MLPConfig
 from tests.cliutil import cli_env
 from tests.modelgen import write_mlp_dir
 from tests.serverutil import stage
@@ -262,6 +263,22 @@ def test_bundle_manifest_errors(tmp_path: Path, minilm_bundle: Path, changes: di
         load_bundle(bundle)
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"config_sizes": [4]}, r"edge\.json: config\.sizes must list at least two layer sizes, got \[4\]"),
+        ({"config_sizes": [0, 8, 3]}, r"mlp config: 'input_size' must be a positive integer, got 0"),
+        ({"config_activation": "swish"}, r"mlp config: activation 'swish' is not one of relu"),
+        ({"config_labels": ["x"]}, r"mlp config: 'labels' must be 3 strings \(one per output\)"),
+    ],
+)
+def test_mlp_bundle_config_errors(tmp_path: Path, changes: dict[str, object], message: str) -> None:
+    bundle = write_bundle(from_model(model_directory(write_mlp_dir(tmp_path / "mlp", (4, 8, 3)))), tmp_path / "b")
+    _edit_manifest(bundle, **changes)
+    with pytest.raises(ModelError, match=rf"edge bundle {re.escape(str(bundle))}: {message}"):
+        load_bundle(bundle)
+
+
 def test_bundle_without_tokenizer_or_manifest(tmp_path: Path, minilm_bundle: Path) -> None:
     bundle = _copy(minilm_bundle, tmp_path)
     (bundle / "tokenizer.json").unlink()
@@ -298,3 +315,13 @@ def test_graph_round_trip() -> None:
     bundle = from_model(model_directory(MINILM))
     assert graph_of("bert", bundle.graph.config) == bundle.graph
     assert bundle.graph.words()[:7] == [30522, 384, 6, 12, 1536, 512, 2]
+
+
+def test_mlp_graph_round_trip(tmp_path: Path) -> None:
+    src = write_mlp_dir(tmp_path / "mlp", (4, 8, 3), activation="tanh", labels=["a", "b", "c"])
+    graph = from_model(model_directory(src)).graph
+    assert graph.config == {"sizes": [4, 8, 3], "activation": "tanh", "output_activation": "softmax",
+                            "labels": ["a", "b", "c"]}  # fmt: skip
+    assert graph_of("mlp", graph.config) == graph
+    spec = MLPConfig.from_json(json.loads((src / "config.json").read_text()))
+    assert MLPConfig(**graph.config) == spec  # what EdgeMLP serves: the config.json's own MLPConfig
