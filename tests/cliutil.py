@@ -19,21 +19,33 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def warmpod_cmd(*args: str | Path) -> list[str]:
+    """The command line of `warmpod ARGS...` run from this checkout by this interpreter."""
+    return [sys.executable, "-m", "warmpod", *map(str, args)]
+
+
 def load_cmd(*args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "warmpod", "load", *map(str, args)]
+    return warmpod_cmd("load", *args)
 
 
-def run_load(
+def run_warmpod(
     *args: str | Path, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
+    """`warmpod ARGS...` to the end, stdin closed, output captured as text; `env` added to the test environment."""
     return subprocess.run(
-        load_cmd(*args),
+        warmpod_cmd(*args),
         env=cli_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+def run_load(
+    *args: str | Path, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return run_warmpod("load", *args, env=env, timeout=timeout)
 
 
 def result_json(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -51,9 +63,10 @@ def events(stderr: str) -> list[dict[str, Any]]:
     return out
 
 
-def error_line(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("warmpod load: error:")]
-    assert lines, f"no error line in stderr:\n{proc.stderr}"
+def error_line(proc: subprocess.CompletedProcess[str], prog: str = "warmpod load") -> str:
+    """The last `PROG: error: ...` line the CLI wrote to stderr (asserted to be there)."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(f"{prog}: error:")]
+    assert lines, f"exit {proc.returncode}, no {prog} error line in stderr:\n{proc.stderr}"
     return lines[-1]
 
 

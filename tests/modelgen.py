@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import struct
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,16 @@ def tree_digests(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def mlp_tensors(sizes: Sequence[int], rng: np.random.Generator, dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    """Random weights for an MLP of `sizes`, named as the `mlp` family wants them, in layer order (weight, bias):
+    weights scaled by 1/sqrt(fan-in), small biases."""
+    weights = {}
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        weights[f"layers.{i}.weight"] = (rng.standard_normal((b, a)) / np.sqrt(a)).astype(dtype)
+        weights[f"layers.{i}.bias"] = (rng.standard_normal(b) * 0.1).astype(dtype)
+    return weights
+
+
 def write_mlp_dir(
     root: Path,
     sizes: tuple[int, ...] = (4, 16, 3),
@@ -84,13 +96,8 @@ def write_mlp_dir(
     dtype: Any = np.float32,
 ) -> Path:
     """An MLP model directory (config.json + model.safetensors) for the server's `mlp` family."""
-    rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
-    weights = {}
-    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
-        weights[f"layers.{i}.weight"] = (rng.standard_normal((b, a)) / np.sqrt(a)).astype(dtype)
-        weights[f"layers.{i}.bias"] = (rng.standard_normal(b) * 0.1).astype(dtype)
-    save_file(weights, str(root / "model.safetensors"))
+    save_file(mlp_tensors(sizes, np.random.default_rng(seed), dtype), str(root / "model.safetensors"))
     config: dict[str, Any] = {
         "model_type": "mlp",
         "input_size": sizes[0],
@@ -105,18 +112,38 @@ def write_mlp_dir(
     return root
 
 
+def _gelu(x: np.ndarray) -> np.ndarray:
+    return np.asarray(np.vectorize(lambda v: 0.5 * v * math.erfc(-v / math.sqrt(2)))(x))
+
+
+# The activations between an MLP's layers, in float64: the reference for the server's and the engine's.
+MLP_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "identity": lambda x: x,
+    "relu": lambda x: np.maximum(x, 0),
+    "tanh": np.tanh,
+    "gelu": _gelu,
+    "sigmoid": lambda x: 1 / (1 + np.exp(-x)),
+}
+
+
+def mlp_forward(tensors: Sequence[np.ndarray], x: np.ndarray, activation: str = "relu") -> np.ndarray:
+    """An MLP's logits in float64 with numpy, from its tensors in layer order (weight, bias, weight, bias, ...)."""
+    h = x.astype(np.float64)
+    layers = len(tensors) // 2
+    for i in range(layers):
+        h = h @ tensors[2 * i].astype(np.float64).T + tensors[2 * i + 1].astype(np.float64)
+        if i < layers - 1:
+            h = MLP_ACTIVATIONS[activation](h)
+    return h
+
+
 def mlp_reference(root: Path, x: np.ndarray, activation: str = "relu") -> np.ndarray:
     """The MLP's logits computed with numpy from the files (an independent check of the served outputs)."""
     from safetensors.numpy import load_file
 
     weights = load_file(str(root / "model.safetensors"))
-    n = len(weights) // 2
-    h = x.astype(np.float64)
-    for i in range(n):
-        h = h @ weights[f"layers.{i}.weight"].astype(np.float64).T + weights[f"layers.{i}.bias"].astype(np.float64)
-        if i < n - 1:
-            h = {"relu": lambda v: np.maximum(v, 0), "tanh": np.tanh}[activation](h)
-    return h.astype(np.float32)
+    layers = [weights[f"layers.{i}.{part}"] for i in range(len(weights) // 2) for part in ("weight", "bias")]
+    return mlp_forward(layers, x, activation).astype(np.float32)
 
 
 def write_slow_dir(root: Path, sleep_s: float) -> Path:

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -33,8 +32,7 @@ from tests.deploy.dockerfile import (
     read_dockerignore,
 )
 from tests.modelgen import write_mlp_dir, write_model_dir
-from tests.servers import ServerStartError, wait_until
-from tests.serverutil import http, post_json, stage
+from tests.serverutil import ServerProcess, post_json, stage
 
 REPO = Path(__file__).resolve().parents[2]
 UID = "10001"
@@ -514,52 +512,11 @@ def test_loader_stages_a_model_into_the_store_volume(container: Container, tmp_p
     assert any(w.startswith(str(store)) for w in json.loads(container.report.read_text()))
 
 
-class Served:
+def served(container: Container, *args: str | Path) -> ServerProcess:
     """A role's server started through the image's entrypoint on a free port; stopped with SIGTERM as the pod is."""
-
-    def __init__(self, container: Container, *args: str | Path) -> None:
-        self.container = container
-        self.log = container.root / "serve.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(container.argv(*args, "--host", "127.0.0.1", "--port", "0"),
-                                         env=container.env(), cwd=container.stage.workdir, stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL)  # fmt: skip
-        self.url = ""
-
-    def __enter__(self) -> Served:
-        def listening() -> bool:
-            if self.proc.poll() is not None:
-                raise ServerStartError(f"exited {self.proc.returncode}:\n{self.text()}")
-            m = re.search(r"listening on (http://[\d.]+:\d+)", self.text())
-            if m is None:
-                return False
-            self.url = m.group(1)
-            try:
-                return http("GET", self.url + "/v2/health/ready", timeout=5)[0] == 200
-            except OSError:  # listening, then gone: the next poll says how it exited
-                return False
-
-        try:
-            wait_until(listening, timeout=60, what="the server", interval=0.05, diagnostics=self.text)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    argv = container.argv(*args, "--host", "127.0.0.1", "--port", "0")
+    return ServerProcess(argv, log_path=container.root / "serve.log", name=f"the {container.image.role} image's server",
+                         env=container.env(), cwd=Path(container.stage.workdir))  # fmt: skip
 
 
 def _infer_iris(url: str) -> dict[str, Any]:
@@ -574,18 +531,18 @@ def test_server_serves_the_store_without_writing_it(container: Container, tmp_pa
     """The pod mounts /store read-only into the server: serving (and draining on SIGTERM) writes only to /tmp."""
     store = tmp_path / "store"  # the loader's volume, not one of this image's
     stage(write_mlp_dir(tmp_path / "src" / "iris"), store, "iris")
-    with Served(container, "serve", "--model", "iris", "--store", store, "--threads", "1") as served:
-        assert _infer_iris(served.url)["model_name"] == "iris"
-        assert served.stop() == 0
+    with served(container, "serve", "--model", "iris", "--store", store, "--threads", "1") as server:
+        assert _infer_iris(server.url)["model_name"] == "iris"
+        assert server.stop() == 0
     assert container.writes_outside_volumes() == []
 
 
 @pytest.mark.parametrize("container", ["edge"], indirect=True)
 def test_edge_serves_with_its_engine_cache_in_the_cache_volume(container: Container, tmp_path: Path) -> None:
     model = write_mlp_dir(tmp_path / "src" / "iris")
-    with Served(container, "edge", "serve", model) as served:
-        assert _infer_iris(served.url)["model_name"] == "iris"
-        assert served.stop() == 0
+    with served(container, "edge", "serve", model) as server:
+        assert _infer_iris(server.url)["model_name"] == "iris"
+        assert server.stop() == 0
     assert container.writes_outside_volumes() == []
     assert any(container.mounts["/var/cache/warmpod"].iterdir()), "the engine was not cached where the image says"
 

@@ -24,6 +24,7 @@ from server.autoscale import (
     snapshot_from_families,
     supervise,
 )
+from tests.serverutil import MetricsPage
 
 CONFIG = PolicyConfig(slo_quantile=0.95, slo_target_s=0.1, min_replicas=1, max_replicas=10)
 FAST = ((0.01, 0.0), (0.025, 50.0), (0.05, 100.0), (float("inf"), 100.0))  # p95 ≈ 48 ms
@@ -147,18 +148,8 @@ def test_limits_and_scale_to_zero() -> None:
 
 
 def _exposition(requests: int, latency_s: float, batches: int, batch_s: float, workers: int = 2) -> str:
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    from server.metrics import ServerMetrics
-
-    metrics = ServerMetrics(CollectorRegistry())
-    metrics.workers.set(workers)
-    for _ in range(requests):
-        metrics.request_seconds.labels("m", "infer", "200").observe(latency_s)
-    metrics.request_seconds.labels("m", "infer", "400").observe(9.0)  # errors are not the SLO's requests
-    for _ in range(batches):
-        metrics.batch_seconds.labels("m").observe(batch_s)
-    return generate_latest(metrics.registry).decode()
+    page = MetricsPage("m", workers).serve(requests, latency_s, batches=batches, batch_s=batch_s)
+    return page.serve(1, 9.0, code="400").text()  # errors are not the SLO's requests
 
 
 def test_a_sample_from_two_scrapes_of_real_server_metrics() -> None:

@@ -4,15 +4,13 @@ load, and hot swap under load (zero failures, the old mapping released)."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.cliutil import cli_env
+from tests.cliutil import error_line, run_warmpod
 from tests.modelgen import mlp_reference, write_mlp_dir, write_slow_dir
 from tests.servers import wait_until
 from tests.serverutil import LoadThread, Scrape, WarmpodServer, http, post_json, stage
@@ -47,12 +45,9 @@ def test_a_model_that_cannot_be_served_exits_5_naming_the_tensors(tmp_path: Path
     config = (src / "config.json").read_text().replace('"hidden_sizes": [8]', '"hidden_sizes": [9]')
     (src / "config.json").write_text(config)
     stage(src, tmp_path / "store", "mlp")
-    proc = subprocess.run(
-        [sys.executable, "-m", "warmpod", "serve", "--model", "mlp", "--store", str(tmp_path / "store"), "--port", "0"],
-        env=cli_env(), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = run_warmpod("serve", "--model", "mlp", "--store", tmp_path / "store", "--port", "0")
     assert proc.returncode == 5, proc.stderr
-    error = [line for line in proc.stderr.splitlines() if line.startswith("warmpod serve: error:")][-1]
+    error = error_line(proc, "warmpod serve")
     assert "mis-shaped tensors: layers.0.weight is (8, 4) torch.float32, the model wants (9, 4)" in error
 
 
@@ -65,10 +60,7 @@ def test_a_model_that_cannot_be_served_exits_5_naming_the_tensors(tmp_path: Path
     ],
 )
 def test_bad_flags_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "warmpod", "serve", "--model", "m", "--store", str(tmp_path), *args],
-        env=cli_env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = run_warmpod("serve", "--model", "m", "--store", tmp_path, *args, timeout=60)
     assert proc.returncode == 2
     assert message in proc.stderr
 
@@ -114,9 +106,7 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(tmp_path: Pa
     try:
         load = LoadThread(server.url + "/v2/models/slow/infer", infer_body([[1, 2, 3, 4]]), workers=8,
                           max_seconds=30, stop_on_status=503).start()  # fmt: skip
-        deadline = time.monotonic() + 20
-        while load.count(200) < 8 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: load.count(200) >= 8, timeout=20, what="8 requests served", interval=0.02)
         sigterm_at = time.monotonic()
         server.signal(signal.SIGTERM)
         ready_during_drain = http("GET", server.url + "/v2/health/ready", timeout=5)[0]
@@ -149,17 +139,12 @@ def test_hot_swap_under_load_has_no_failures_and_releases_the_old_mapping(tmp_pa
         assert "/versions/1/model.safetensors" in Path(f"/proc/{pid}/maps").read_text()
         load = LoadThread(server.url + "/v2/models/mlp/infer", infer_body(x), workers=4, max_seconds=60).start()
         readiness = LoadThread(server.url + "/v2/health/ready", None, workers=1, max_seconds=60, method="GET").start()
-        deadline = time.monotonic() + 20
-        while load.count(200) < 20 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: load.count(200) >= 20, timeout=20, what="20 requests served by version 1", interval=0.02)
         stage(v2, store, "mlp")
-        while time.monotonic() < deadline and not any(
-            r[3] and r[3].get("model_version") == "2" for r in list(load.results)
-        ):
-            time.sleep(0.02)
+        wait_until(lambda: any(r[3] and r[3].get("model_version") == "2" for r in list(load.results)), timeout=20,
+                   what="a request served by version 2", interval=0.02)  # fmt: skip
         n = len(load.results)
-        while len(load.results) < n + 40 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: len(load.results) >= n + 40, timeout=20, what="40 more requests", interval=0.02)
         results = load.stop()
         assert {r[2] for r in results} == {200}, {r[2] for r in results}
         ready = readiness.stop()
@@ -169,13 +154,10 @@ def test_hot_swap_under_load_has_no_failures_and_releases_the_old_mapping(tmp_pa
             np.testing.assert_allclose(r[3]["outputs"][0]["data"], want[version], atol=1e-5)
         versions = [r[3]["model_version"] for r in sorted(results, key=lambda r: r[1])]
         assert versions[0] == "1" and versions[-30:] == ["2"] * 30
-        for _ in range(100):  # the old version's pages are unmapped once its last request is done
-            maps = Path(f"/proc/{pid}/maps").read_text()
-            if "/versions/1/" not in maps:
-                break
-            time.sleep(0.05)
-        assert "/versions/1/" not in maps
-        assert "/versions/2/model.safetensors" in maps
+        maps = Path(f"/proc/{pid}/maps")  # the old version's pages are unmapped once its last request is done
+        wait_until(lambda: "/versions/1/" not in maps.read_text(), timeout=5, what="version 1 unmapped",
+                   diagnostics=maps.read_text)  # fmt: skip
+        assert "/versions/2/model.safetensors" in maps.read_text()
         assert "swapped mlp: version 1 -> 2" in server.log()
 
 
@@ -199,10 +181,7 @@ def test_reuse_port_lets_two_servers_share_one_port(tmp_path: Path) -> None:
         )
         assert all(http("GET", first.url + "/v2/health/ready")[0] == 200 for _ in range(20))
         # Without the flag the taken port is a clear error (exit 2), not a traceback.
-        proc = subprocess.run(
-            [sys.executable, "-m", "warmpod", "serve", "--model", "mlp", "--store", str(tmp_path), "--port", port],
-            env=cli_env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        proc = run_warmpod("serve", "--model", "mlp", "--store", tmp_path, "--port", port, timeout=60)
         assert proc.returncode == 2, proc.stderr
         assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
 
@@ -214,10 +193,7 @@ def test_an_unreadable_store_stops_the_server_with_exit_1(tmp_path: Path) -> Non
     manifest = store / "mlp" / "versions" / "1" / "manifest.json"
     manifest.chmod(0o644)
     manifest.write_text("{not json")
-    proc = subprocess.run(
-        [sys.executable, "-m", "warmpod", "serve", "--model", "mlp", "--store", str(store), "--port", "0"],
-        env=cli_env(), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = run_warmpod("serve", "--model", "mlp", "--store", store, "--port", "0")
     assert proc.returncode == 1, proc.stderr
     assert "warmpod serve: error: serving 'mlp' failed: JSONDecodeError" in proc.stderr
 

@@ -4,27 +4,21 @@ prometheus_client's parser, as the Prometheus Adapter or KEDA would."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.modelgen import write_slow_dir
 from tests.servers import wait_until
-from tests.serverutil import LoadThread, WarmpodServer, http, stage
+from tests.serverutil import LoadThread, Scrape, WarmpodServer, stage
 
 pytestmark = pytest.mark.timeout(90)
 
 
 def gauge(server: WarmpodServer, name: str) -> float:
-    status, _, body = http("GET", server.url + "/metrics")
-    assert status == 200
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            if sample.name == name:
-                return float(sample.value)
-    raise AssertionError(f"{name} not in /metrics")
+    value = Scrape(server.url).value(name)
+    assert value is not None, f"{name} not in /metrics"
+    return value
 
 
 def test_scale_factor_rises_under_load_and_falls_when_idle(tmp_path: Path) -> None:
@@ -42,5 +36,4 @@ def test_scale_factor_rises_under_load_and_falls_when_idle(tmp_path: Path) -> No
         finally:
             results = load.stop()
         assert results and all(r[2] == 200 for r in results)
-        time.sleep(0.1)
         wait_until(lambda: gauge(server, "warmpod_scale_factor") < 0.1, timeout=15, what="scale factor back to 0")

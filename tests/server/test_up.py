@@ -11,32 +11,24 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
 
 from server.autoscale import PolicyConfig
 from server.cli import METRICS_LINE
-from server.metrics import ServerMetrics
 from server.supervisor import Supervisor, UpConfig, Worker
-from tests.cliutil import cli_env
+from tests.cliutil import cli_env, run_warmpod, warmpod_cmd
 from tests.modelgen import write_slow_dir
-from tests.servers import ServerStartError, wait_until
-from tests.serverutil import http, stage
+from tests.servers import free_port, wait_until
+from tests.serverutil import LoadThread, LoggedProcess, MetricsPage, Scrape, http, stage
 
 SLOW = "tests.server.factories:slow"
 INFER = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [[1, 2, 3, 4]]}]}
-
-
-def up_cmd(*args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "warmpod", "up", *map(str, args)]
 
 
 # ------------------------------------------------------------------------------------------ bad settings
@@ -66,10 +58,8 @@ def up_cmd(*args: str | Path) -> list[str]:
 )
 def test_invalid_settings_exit_2_before_anything_starts(tmp_path: Path, args: list[str], message: str) -> None:
     store = tmp_path / "store"
-    proc = subprocess.run(
-        up_cmd(tmp_path / "missing-source", "--model", "m", "--store", store, "--port", "0", *args),
-        env=cli_env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = run_warmpod("up", tmp_path / "missing-source", "--model", "m", "--store", store, "--port", "0", *args,
+                       timeout=60)  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert f"warmpod up: error: {message}" in proc.stderr
     assert not store.exists()  # nothing was started: no loader ran
@@ -80,31 +70,25 @@ def test_a_taken_port_exits_2_before_anything_starts(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = subprocess.run(
-            up_cmd(tmp_path / "src", "--model", "m", "--store", tmp_path / "store", "--port", port),
-            env=cli_env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        proc = run_warmpod("up", tmp_path / "src", "--model", "m", "--store", tmp_path / "store", "--port", port,
+                           timeout=60)  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert f"warmpod up: error: cannot listen on 127.0.0.1:{port}: Address already in use" in proc.stderr
     assert not (tmp_path / "store").exists()
 
 
 def test_a_failing_loader_stops_everything_with_its_exit_code(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        up_cmd(tmp_path / "no-such-model", "--model", "m", "--store", tmp_path / "store", "--port", "0"),
-        env=cli_env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = run_warmpod("up", tmp_path / "no-such-model", "--model", "m", "--store", tmp_path / "store", "--port", "0",
+                       timeout=60)  # fmt: skip
     assert proc.returncode == 3, proc.stderr  # the loader's "source not found"
     assert "warmpod load exited 3" in proc.stderr
     assert "w1 stopped" in proc.stderr  # the worker started alongside the load was drained, not left behind
 
 
 def test_a_worker_that_cannot_start_stops_everything_with_its_exit_code(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        up_cmd(write_slow_dir(tmp_path / "src", sleep_s=0.01), "--model", "slow", "--store", tmp_path / "store",
-               "--port", "0", "--", "--factory", "tests.server.factories:broken"),
-        env=cli_env(), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    src = write_slow_dir(tmp_path / "src", sleep_s=0.01)
+    proc = run_warmpod("up", src, "--model", "slow", "--store", tmp_path / "store", "--port", "0",
+                       "--", "--factory", "tests.server.factories:broken")  # fmt: skip
     assert proc.returncode == 5, proc.stderr  # the server's "invalid model": restarting it would not help
     assert "w1 exited 5 before it was ready" in proc.stderr
     assert "[w1] warmpod serve: error:" in proc.stderr and "this factory always fails" in proc.stderr
@@ -129,20 +113,16 @@ class FakeProcess:
 
 
 class FakeWorkerMetrics:
-    """Two workers' /metrics as the real server writes them (ServerMetrics → generate_latest), each tick serving
-    10 requests of 10 ms; or, for the broken one, an error or garbage."""
+    """Two workers' /metrics as the real server writes them, each tick serving 10 requests of 10 ms; or, for the
+    broken one, an error or garbage."""
 
     def __init__(self) -> None:
-        self.metrics = {port: ServerMetrics(CollectorRegistry()) for port in (9001, 9002)}
-        for m in self.metrics.values():
-            m.workers.set(1)
+        self.pages = {port: MetricsPage("slow", workers=1) for port in (9001, 9002)}
         self.broken: Exception | str | None = None
 
     def serve_a_tick(self) -> None:
-        for m in self.metrics.values():
-            for _ in range(10):
-                m.request_seconds.labels("slow", "infer", "200").observe(0.012)
-                m.batch_seconds.labels("slow").observe(0.01)
+        for page in self.pages.values():
+            page.serve(10, 0.012, batches=10, batch_s=0.01)
 
     async def get(self, url: str) -> tuple[int, str]:
         port = int(re.search(r":(\d+)/", url).group(1))  # type: ignore[union-attr]
@@ -150,7 +130,7 @@ class FakeWorkerMetrics:
             raise self.broken
         if port == 9002 and isinstance(self.broken, str):
             return 200, self.broken
-        return 200, generate_latest(self.metrics[port].registry).decode()
+        return 200, self.pages[port].text()
 
 
 def test_unreadable_metrics_make_a_replica_unknown_never_a_scale_down(caplog: pytest.LogCaptureFixture) -> None:
@@ -209,110 +189,63 @@ def test_a_non_warmpod_metrics_page_says_why(caplog: pytest.LogCaptureFixture) -
 # ------------------------------------------------------------------------------------------ the serving flag
 
 
-def test_serve_with_metrics_port_joins_the_shared_port_when_ready_and_leaves_it_first(tmp_path: Path) -> None:
-    from tests.servers import free_port
+def refuses_connections(url: str) -> bool:
+    try:
+        http("GET", url + "/v2/health/live", timeout=5)
+    except OSError:
+        return True
+    return False
 
+
+def test_serve_with_metrics_port_joins_the_shared_port_when_ready_and_leaves_it_first(tmp_path: Path) -> None:
     store, port = tmp_path / "store", free_port()
     shared = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "warmpod", "serve", "--model", "slow", "--store", str(store), "--port", str(port),
-           "--reuse-port", "--metrics-port", "0", "--factory", SLOW]  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=cli_env(), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-    try:
-        found: list[int] = []
-
-        def metrics_port() -> bool:
-            if proc.poll() is not None:
-                raise ServerStartError(log_path.read_text())
-            match = METRICS_LINE.search(log_path.read_text())
-            found[:] = [int(match.group(1))] if match else []
-            return bool(found)
-
-        wait_until(metrics_port, timeout=60, what="warmpod serve --metrics-port", interval=0.02)
-        private = f"http://127.0.0.1:{found[0]}"
+    args = ("serve", "--model", "slow", "--store", store, "--port", str(port), "--reuse-port", "--metrics-port", "0",
+            "--factory", SLOW)  # fmt: skip
+    serve = LoggedProcess(warmpod_cmd(*args), log_path=tmp_path / "serve.log", started=METRICS_LINE,
+                          name="warmpod serve --metrics-port", env=cli_env())  # fmt: skip
+    with serve:
+        assert serve.match is not None
+        private = f"http://127.0.0.1:{serve.match.group(1)}"
         assert http("GET", private + "/v2/health/live")[0] == 200
         assert http("GET", private + "/v2/health/ready")[0] == 503
-        with pytest.raises(OSError):  # not ready: not on the shared port, so a sibling would get the connection
-            http("GET", shared + "/v2/health/live", timeout=5)
+        assert refuses_connections(shared)  # not ready: not on the shared port, so a sibling would get the connection
         stage(write_slow_dir(tmp_path / "src", sleep_s=0.5), store, "slow")
         wait_until(lambda: http("GET", private + "/v2/health/ready")[0] == 200, timeout=60, what="ready")
-        wait_until(lambda: "listening on" in log_path.read_text(), timeout=10, what="joined")
+        serve.wait_for(re.compile("listening on"), timeout=10)  # joined
         body = json.dumps(INFER).encode()
         in_flight: list[int] = []
         request = threading.Thread(target=lambda: in_flight.append(http("POST", shared + "/v2/models/slow/infer",
                                                                          body)[0]))  # fmt: skip
         request.start()
-        time.sleep(0.2)  # the 0.5 s forward is running
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.1)
-        with pytest.raises(OSError):  # left the shared port at once: new connections go to the others
-            http("GET", shared + "/v2/health/live", timeout=5)
+        wait_until(lambda: Scrape(private).total("warmpod_inflight_requests") > 0, timeout=10,
+                   what="the 0.5 s forward running")  # fmt: skip
+        serve.signal(signal.SIGTERM)
+
+        def left_while_draining() -> bool:
+            serve.check_alive()  # left the shared port at once, not when it exited: new connections go to the others
+            return refuses_connections(shared)
+
+        wait_until(left_while_draining, timeout=5, what="the shared port left", interval=0.02)
         request.join(10)
         assert in_flight == [200]  # ... and the request in flight was finished
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert serve.wait(30) == 0
 
 
 # ------------------------------------------------------------------------------------------ end to end
 
 
-class Traffic:
-    """`clients` threads, each sending one inference request at a time on a new connection (so SO_REUSEPORT spreads
-    them over the workers), pausing `pause_s` between requests, until stop() or `max_seconds`."""
-
-    def __init__(self, url: str, clients: int, pause_s: float = 0.0, max_seconds: float = 60) -> None:
-        self.url, self.pause_s, self.deadline = url, pause_s, time.monotonic() + max_seconds
-        self.results: list[tuple[float, float, int | str]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
-
-    def start(self) -> Traffic:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def stop(self) -> list[tuple[float, float, int | str]]:
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
-        return self.results
-
-    def _client(self) -> None:
-        body = json.dumps(INFER).encode()
-        while not self._stop.is_set() and time.monotonic() < self.deadline:
-            sent = time.monotonic()
-            try:
-                status: int | str = http("POST", self.url, body, {"Content-Type": "application/json"}, timeout=30)[0]
-            except OSError as e:
-                status = type(e).__name__
-            self.results.append((sent, time.monotonic(), status))
-            self._stop.wait(self.pause_s)
-
-
-class Up:
+class Up(LoggedProcess):
     """`warmpod up` as a child process; its URLs read back from its first line."""
 
+    STARTED = re.compile(r"on (http://[\d.]+:\d+) with .*; status on (http://\S+/status)")
+
     def __init__(self, tmp_path: Path, *args: str | Path) -> None:
-        self.log_path = tmp_path / "up.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(up_cmd(*args), env=cli_env(), stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL)  # fmt: skip
-        wait_until(self._started, timeout=30, what="warmpod up", interval=0.02, diagnostics=self.log)
-
-    def _started(self) -> bool:
-        if self.proc.poll() is not None:
-            raise ServerStartError(f"warmpod up exited {self.proc.returncode}:\n{self.log()}")
-        match = re.search(r"on (http://[\d.]+:\d+) with .*; status on (http://\S+/status)", self.log())
-        if match:
-            self.url, self.status_url = match.groups()
-        return match is not None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().__init__(warmpod_cmd("up", *args), log_path=tmp_path / "up.log", started=self.STARTED,
+                         name="warmpod up", env=cli_env(), stop_timeout=60)  # fmt: skip
+        self.start(timeout=30)
+        assert self.match is not None
+        self.url, self.status_url = self.match.groups()
 
     def status(self) -> dict[str, Any]:
         status, _, body = http("GET", self.status_url, timeout=5)
@@ -320,20 +253,15 @@ class Up:
         result: dict[str, Any] = json.loads(body)
         return result
 
-    def wait_status(self, what: str, predicate: Any, timeout: float) -> float:
-        started = time.monotonic()
-        wait_until(lambda: predicate(self.status()), timeout=timeout, what=what, interval=0.1,
-                   diagnostics=lambda: f"{self.status()}\n{self.log()[-6000:]}")  # fmt: skip
-        return time.monotonic() - started
+    def wait_status(self, what: str, predicate: Callable[[dict[str, Any]], bool], timeout: float) -> float:
+        """Seconds until `predicate` holds for the status page."""
+        return wait_until(lambda: predicate(self.status()), timeout=timeout, what=what, interval=0.1,
+                          diagnostics=lambda: f"{self.status()}\n{self.log()[-6000:]}")  # fmt: skip
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def wait_joined(self, worker: str, timeout: float = 10) -> None:
+        """Until `worker` takes connections on the shared port (its 'listening on' line, relayed by warmpod up). The
+        status page says ready a moment before: once the worker's private port does, before it joins."""
+        self.wait_for(re.compile(rf"\[{re.escape(worker)}\] [^\n]*listening on http://"), timeout=timeout)
 
 
 def test_a_worker_that_dies_is_replaced_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
@@ -348,10 +276,11 @@ def test_a_worker_that_dies_is_replaced_and_ctrl_c_stops_everything(tmp_path: Pa
         os.kill(first["pid"], signal.SIGKILL)
         up.wait_status("a replacement", lambda s: [(w["name"], w["phase"]) for w in s["workers"]] == [("w2", "ready")],
                        timeout=60)  # fmt: skip
+        up.wait_joined("w2")
         assert http("POST", up.url + "/v2/models/slow/infer", json.dumps(INFER).encode())[0] == 200
         replacement = up.status()["workers"][0]
-        up.proc.send_signal(signal.SIGINT)  # Ctrl-C
-        assert up.proc.wait(60) == 0
+        up.signal(signal.SIGINT)  # Ctrl-C
+        assert up.wait(60) == 0
     finally:
         up.stop()
     log = up.log()
@@ -374,22 +303,33 @@ def test_scales_1_to_2_when_the_slo_breaks_under_load_and_back_to_1_with_zero_fa
     heavy = light = None
     try:
         up.wait_status("one ready worker", lambda s: s["ready"] == 1, timeout=60)
+        up.wait_joined("w1")
         infer = up.url + "/v2/models/slow/infer"
-        light = Traffic(infer, clients=1, pause_s=0.15).start()
-        heavy = Traffic(infer, clients=8).start()
+        # A new connection per request, so SO_REUSEPORT spreads them over the workers; stopped here, not by a count.
+        light = LoadThread(infer, INFER, workers=1, pause_s=0.15, max_requests=10**6).start()
+        heavy = LoadThread(infer, INFER, workers=8, max_requests=10**6).start()
         scale_up = up.wait_status("2 ready workers", lambda s: s["ready"] == 2, timeout=30)
         status = up.status()
         assert status["replicas"] == 2 and "panic" in status["decision"], status
         second = next(w for w in status["workers"] if w["name"] == "w2")
-        time.sleep(2)  # the second worker takes its share of the new connections
-        _, _, metrics = http("GET", f"http://127.0.0.1:{second['metrics_port']}/metrics")
-        served = re.search(rb'warmpod_request_duration_seconds_count\{code="200",endpoint="infer",model="slow"\} (\S+)',
-                           metrics)  # fmt: skip
-        assert served and float(served.group(1)) > 10, metrics.decode()
+        second_metrics = f"http://127.0.0.1:{second['metrics_port']}"
+
+        def served_by_second() -> float:
+            count = Scrape(second_metrics).value("warmpod_request_duration_seconds_count", code="200",
+                                                 endpoint="infer", model="slow")  # fmt: skip
+            return count or 0.0
+
+        # The second worker takes its share of the new connections (more than 10), under more than 100 heavy requests.
+        wait_until(lambda: served_by_second() > 10 and len(heavy.results) > 100, timeout=15,
+                   what="w2 serving more than 10 of more than 100 heavy requests",
+                   diagnostics=lambda: f"w2 served {served_by_second()} of {len(heavy.results)}")  # fmt: skip
         heavy_results = heavy.stop()
         scale_down = up.wait_status("back to 1 worker", lambda s: s["replicas"] == 1 and len(s["workers"]) == 1,
                                     timeout=40)  # fmt: skip
-        time.sleep(0.5)
+        # The light client goes on after the scale-down, on the one worker left: a few more requests, over 20 in all.
+        after_scale_down = len(light.results)
+        wait_until(lambda: len(light.results) >= max(after_scale_down + 3, 21), timeout=15,
+                   what="light requests answered by the one worker left")  # fmt: skip
         light_results = light.stop()
     finally:
         for traffic in (heavy, light):
@@ -397,7 +337,7 @@ def test_scales_1_to_2_when_the_slo_breaks_under_load_and_back_to_1_with_zero_fa
                 traffic.stop()
         up.stop()
     log = up.log()
-    assert up.proc.returncode == 0, log[-4000:]
+    assert up.proc is not None and up.proc.returncode == 0, log[-4000:]
     results = heavy_results + light_results
     failed = [r for r in results if r[2] != 200]
     assert not failed, (failed[:10], len(results))

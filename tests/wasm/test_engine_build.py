@@ -4,11 +4,10 @@ activation, a tiny BERT with padding under every pooling); every failure status 
 
 from __future__ import annotations
 
-import itertools
 import math
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +15,16 @@ import numpy as np
 import pytest
 import wasmtime
 
+from tests.modelgen import MLP_ACTIVATIONS, mlp_forward, mlp_tensors
+
 ROOT = Path(__file__).parents[2]
 ENGINE = ROOT / "wasm" / "engine" / "warmpod_engine.wasm"
 CHECK_WASM = ROOT / ".ci" / "check-wasm.sh"
 ABI_FUNCTIONS = ("wp_abi_version", "wp_alloc", "wp_free", "wp_error", "wp_init", "wp_set_tensor", "wp_ready", "wp_run")
 MLP, BERT = 1, 2
 F32, F16, I8 = 0, 1, 2
-# hidden_act codes, pooling codes (ABI.md)
+# MLP activation codes, BERT hidden_act codes, pooling codes (ABI.md)
+MLP_ACTIVATION_CODES = {"identity": 0, "relu": 1, "tanh": 2, "gelu": 3, "sigmoid": 4}
 RELU, GELU, GELU_TANH = 1, 3, 5
 POOLINGS = {"mean": 0, "cls": 1, "max": 2, "mean_sqrt_len": 3}
 
@@ -158,37 +160,12 @@ def test_check_wasm_accepts_the_committed_module_and_refuses_a_modified_one(tmp_
 
 
 def _linear_stack(rng: np.random.Generator, sizes: Sequence[int]) -> list[np.ndarray]:
-    tensors = []
-    for a, b in itertools.pairwise(sizes):
-        tensors += [rng.standard_normal((b, a)) / math.sqrt(a), rng.standard_normal(b) * 0.1]
-    return [t.astype(np.float32) for t in tensors]
-
-
-def _mlp_reference(tensors: Sequence[np.ndarray], x: np.ndarray, act: str) -> np.ndarray:
-    h = x.astype(np.float64)
-    layers = len(tensors) // 2
-    for i in range(layers):
-        h = h @ tensors[2 * i].astype(np.float64).T + tensors[2 * i + 1]
-        if i < layers - 1:
-            h = ACTIVATIONS[act](h)
-    return h
-
-
-def _gelu(x: np.ndarray) -> np.ndarray:
-    return np.asarray(np.vectorize(lambda v: 0.5 * v * math.erfc(-v / math.sqrt(2)))(x))
+    """modelgen's MLP weights, as the list of tensors the engine's kind-1 layout takes (weight, bias, ...)."""
+    return list(mlp_tensors(sizes, rng).values())
 
 
 def _gelu_tanh(x: np.ndarray) -> np.ndarray:
     return np.asarray(0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))))
-
-
-ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "identity": lambda x: x,
-    "relu": lambda x: np.maximum(x, 0),
-    "tanh": np.tanh,
-    "gelu": _gelu,
-    "sigmoid": lambda x: 1 / (1 + np.exp(-x)),
-}
 
 
 @pytest.mark.parametrize("sizes", [(5, 13, 7), (600, 37, 33)])  # odd tiles; k past one 512 block, rows past 64
@@ -201,22 +178,22 @@ def test_gemm_edge_tiles_match_numpy(compiled: Compiled, sizes: tuple[int, ...],
     x = rng.standard_normal((batch, sizes[0])).astype(np.float32)
     status, out = guest.run(batch, 0, x, batch * sizes[-1])
     assert status == 0, guest.error()
-    assert np.abs(out.reshape(batch, -1) - _mlp_reference(tensors, x, "identity")).max() <= 1e-5
+    assert np.abs(out.reshape(batch, -1) - mlp_forward(tensors, x, "identity")).max() <= 1e-5
 
 
-@pytest.mark.parametrize("act", list(ACTIVATIONS))
+@pytest.mark.parametrize("act", list(MLP_ACTIVATIONS))
 @pytest.mark.parametrize("output", ["softmax", "sigmoid"])
 def test_activations_and_probabilities_match_numpy(compiled: Compiled, act: str, output: str) -> None:
     rng = np.random.default_rng(7)
     sizes = (6, 10, 9, 4)
     tensors = [t * 3 for t in _linear_stack(rng, sizes)]  # wide enough to reach every activation's tails
     guest = Guest(compiled)
-    guest.load(MLP, [3, *sizes, list(ACTIVATIONS).index(act), 1 if output == "softmax" else 2], tensors)
+    guest.load(MLP, [3, *sizes, MLP_ACTIVATION_CODES[act], 1 if output == "softmax" else 2], tensors)
     x = rng.standard_normal((5, 6)).astype(np.float32)
     status, out = guest.run(5, 0, x, 2 * 5 * 4)
     assert status == 0, guest.error()
     logits, probabilities = out.reshape(2, 5, 4)
-    want = _mlp_reference(tensors, x, act)
+    want = mlp_forward(tensors, x, act)
     if output == "softmax":
         e = np.exp(want - want.max(axis=1, keepdims=True))
         want_p = e / e.sum(axis=1, keepdims=True)
@@ -232,10 +209,10 @@ def test_element_functions_are_accurate_to_1e_6_relative(compiled: Compiled, act
     x = np.concatenate([np.linspace(-20, 20, 40001), np.linspace(-1e-3, 1e-3, 2001)]).astype(np.float32)
     one, zero = np.ones((1, 1), np.float32), np.zeros(1, np.float32)
     guest = Guest(compiled)
-    guest.load(MLP, [2, 1, 1, 1, list(ACTIVATIONS).index(act), 0], [one, zero, one, zero])
+    guest.load(MLP, [2, 1, 1, 1, MLP_ACTIVATION_CODES[act], 0], [one, zero, one, zero])
     status, out = guest.run(x.size, 0, x, x.size)
     assert status == 0, guest.error()
-    want = ACTIVATIONS[act](x.astype(np.float64))
+    want = MLP_ACTIVATIONS[act](x.astype(np.float64))
     significant = np.abs(want) > 1e-30  # below, results are subnormal or zero either way
     relative = np.abs(out - want)[significant] / np.abs(want)[significant]
     assert relative.max() <= 1e-6
@@ -259,7 +236,7 @@ def test_f16_and_int8_weights_are_converted_to_fp32(compiled: Compiled) -> None:
     assert status == 0, guest.error()
     dequantized = [w0_16.astype(np.float32), b0.astype(np.float16).astype(np.float32),
                    (w1_8 * scale[:, None]).astype(np.float32), b1]  # fmt: skip
-    assert np.abs(out.reshape(3, 5) - _mlp_reference(dequantized, x, "identity")).max() <= 1e-5
+    assert np.abs(out.reshape(3, 5) - mlp_forward(dequantized, x, "identity")).max() <= 1e-5
 
 
 # ---------------------------------------------------------------- a tiny BERT against a numpy BERT
@@ -296,7 +273,7 @@ def _bert_reference(t: Sequence[np.ndarray], ids: Sequence[int], act: int, pooli
     length, d = len(ids), H // HEADS
     x = w[0][list(ids)] + w[2][0]
     x = _layer_norm(x + w[1][:length], w[3], w[4])
-    hidden_act = {RELU: ACTIVATIONS["relu"], GELU: _gelu, GELU_TANH: _gelu_tanh}[act]
+    hidden_act = {RELU: MLP_ACTIVATIONS["relu"], GELU: MLP_ACTIVATIONS["gelu"], GELU_TANH: _gelu_tanh}[act]
     for layer in range(LAYERS):
         p = w[5 + 16 * layer : 5 + 16 * (layer + 1)]
         q, k, v = ((x @ p[i].T + p[i + 1]).reshape(length, HEADS, d).transpose(1, 0, 2) for i in (0, 2, 4))

@@ -4,6 +4,7 @@ checks, and the sandbox — deadlines, memory limits, broken instances replaced 
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +37,11 @@ def _request(value: float) -> dict[str, Tensor]:
 
 
 def test_cache_compiles_once_then_deserializes(tmp_path: Path) -> None:
-    first = compile_engine(ENGINE_WASM, tmp_path)
-    second = compile_engine(ENGINE_WASM, tmp_path)
-    first.close(), second.close()
-    assert (first.origin, second.origin) == ("compiled", "cache")
+    with (
+        closing(compile_engine(ENGINE_WASM, tmp_path)) as first,
+        closing(compile_engine(ENGINE_WASM, tmp_path)) as second,
+    ):
+        assert (first.origin, second.origin) == ("compiled", "cache")
     key = cache_key(first.digest)
     assert "wasmtime50.0.1" in key and (tmp_path / f"{key}.cwasm").is_file()
     assert (tmp_path / "hmac.key").stat().st_mode & 0o077 == 0  # the secret is the serving user's alone
@@ -55,21 +57,23 @@ def test_tampered_artifact_is_recompiled_never_deserialized(tmp_path: Path, monk
     deserialized: list[int] = []
     real = wasmtime.Module.deserialize
     monkeypatch.setattr(wasmtime.Module, "deserialize", lambda e, d: deserialized.append(1) or real(e, d))
-    again = compile_engine(ENGINE_WASM, tmp_path)
-    again.close()
-    assert deserialized == []
-    assert "failed its HMAC check (tampered or truncated): recompiled" in again.origin
+    with closing(compile_engine(ENGINE_WASM, tmp_path)) as again:
+        assert deserialized == []
+        assert "failed its HMAC check (tampered or truncated): recompiled" in again.origin
     assert artifact.read_bytes() != bytes(data)  # rewritten with fresh code and HMAC
-    assert compile_engine(ENGINE_WASM, tmp_path).origin == "cache"
+    with closing(compile_engine(ENGINE_WASM, tmp_path)) as cached:
+        assert cached.origin == "cache"
 
 
 def test_truncated_artifact_and_foreign_key_are_recompiled(tmp_path: Path) -> None:
     compile_engine(ENGINE_WASM, tmp_path).close()
     (artifact,) = tmp_path.glob("*.cwasm")
     artifact.write_bytes(artifact.read_bytes()[:1000])
-    assert "HMAC" in compile_engine(ENGINE_WASM, tmp_path).origin
+    with closing(compile_engine(ENGINE_WASM, tmp_path)) as recompiled:
+        assert "HMAC" in recompiled.origin
     (tmp_path / "hmac.key").write_bytes(b"k" * 32)  # artifacts written under another secret are not ours
-    assert "HMAC" in compile_engine(ENGINE_WASM, tmp_path).origin
+    with closing(compile_engine(ENGINE_WASM, tmp_path)) as recompiled:
+        assert "HMAC" in recompiled.origin
 
 
 # ------------------------------------------------------------------------------- engine modules
@@ -106,59 +110,65 @@ def test_module_without_the_abi_is_refused(tmp_path: Path) -> None:
 
 
 def test_other_abi_version_is_refused(tmp_path: Path, mlp_bundle) -> None:  # type: ignore[no-untyped-def]
-    compiled = compile_engine(write_engine(tmp_path / "abi2.wasm", abi=2), None)
-    with pytest.raises(EngineError, match="the engine speaks ABI 2; this host speaks ABI 1"):
+    with (
+        closing(compile_engine(write_engine(tmp_path / "abi2.wasm", abi=2), None)) as compiled,
+        pytest.raises(EngineError, match="the engine speaks ABI 2; this host speaks ABI 1"),
+    ):
         EnginePool(compiled, mlp_bundle, size=1, max_memory=64 << 20, deadline_s=1)
-    compiled.close()
 
 
 # ------------------------------------------------------------------------------- the sandbox
 
 
 def test_guest_that_loops_forever_is_interrupted_and_replaced(tmp_path: Path, mlp_bundle) -> None:  # type: ignore[no-untyped-def]
-    compiled = compile_engine(write_engine(tmp_path / "hostile.wasm"), None)
-    pool = EnginePool(compiled, mlp_bundle, size=1, max_memory=64 << 20, deadline_s=0.3)
-    model = EdgeMLP(mlp_bundle, pool, "1")
-    started = time.monotonic()
-    with pytest.raises(DeadlineExceeded, match=r"ran past its deadline of 0\.3 s in wp_run and was interrupted"):
-        model.run([model.prepare(_request(LOOP))])
-    assert 0.25 < time.monotonic() - started < 2.0
-    (out,) = model.run([model.prepare(_request(1.0))])  # the next request gets a fresh instance and works
-    assert out["logits"].shape == (1, 3) and pool.replaced == 1
-    model.close(), compiled.close()
+    with (
+        closing(compile_engine(write_engine(tmp_path / "hostile.wasm"), None)) as compiled,
+        closing(EnginePool(compiled, mlp_bundle, size=1, max_memory=64 << 20, deadline_s=0.3)) as pool,
+        closing(EdgeMLP(mlp_bundle, pool, "1")) as model,
+    ):
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match=r"ran past its deadline of 0\.3 s in wp_run and was interrupted"):
+            model.run([model.prepare(_request(LOOP))])
+        assert 0.25 < time.monotonic() - started < 2.0
+        (out,) = model.run([model.prepare(_request(1.0))])  # the next request gets a fresh instance and works
+        assert out["logits"].shape == (1, 3) and pool.replaced == 1
 
 
 def test_guest_that_grows_memory_is_capped(tmp_path: Path, mlp_bundle) -> None:  # type: ignore[no-untyped-def]
-    compiled = compile_engine(write_engine(tmp_path / "hostile.wasm"), None)
-    pool = EnginePool(compiled, mlp_bundle, size=1, max_memory=32 << 20, deadline_s=5)
-    model = EdgeMLP(mlp_bundle, pool, "1")
-    with pytest.raises(ServerError, match=r"hostile test engine: out of memory .*the memory limit is 32 MiB"):
-        model.run([model.prepare(_request(HOG))])
-    with pool.instance() as instance:
-        assert instance.memory.data_len(instance.store) <= 32 << 20
-    (out,) = model.run([model.prepare(_request(1.0))])
-    assert out["logits"].shape == (1, 3)
-    model.close(), compiled.close()
+    with (
+        closing(compile_engine(write_engine(tmp_path / "hostile.wasm"), None)) as compiled,
+        closing(EnginePool(compiled, mlp_bundle, size=1, max_memory=32 << 20, deadline_s=5)) as pool,
+        closing(EdgeMLP(mlp_bundle, pool, "1")) as model,
+    ):
+        with pytest.raises(ServerError, match=r"hostile test engine: out of memory .*the memory limit is 32 MiB"):
+            model.run([model.prepare(_request(HOG))])
+        with pool.instance() as instance:
+            assert instance.memory.data_len(instance.store) <= 32 << 20
+        (out,) = model.run([model.prepare(_request(1.0))])
+        assert out["logits"].shape == (1, 3)
 
 
 def test_guest_whose_memory_starts_over_the_limit_is_not_instantiated(tmp_path: Path, mlp_bundle) -> None:  # type: ignore[no-untyped-def]
-    compiled = compile_engine(write_engine(tmp_path / "big.wasm", pages=2048), None)  # 128 MiB initial memory
-    with pytest.raises(EngineError, match="cannot be instantiated within the 64 MiB memory limit"):
+    big = write_engine(tmp_path / "big.wasm", pages=2048)  # 128 MiB initial memory
+    with (
+        closing(compile_engine(big, None)) as compiled,
+        pytest.raises(EngineError, match="cannot be instantiated within the 64 MiB memory limit"),
+    ):
         EnginePool(compiled, mlp_bundle, size=1, max_memory=64 << 20, deadline_s=1)
-    compiled.close()
 
 
 def test_one_instance_per_worker_each_with_its_own_memory(tmp_path: Path, mlp_bundle) -> None:  # type: ignore[no-untyped-def]
-    compiled = compile_engine(ENGINE_WASM, tmp_path)
-    pool = EnginePool(compiled, mlp_bundle, size=3, max_memory=64 << 20, deadline_s=5)
-    with pool.instance() as a, pool.instance() as b, pool.instance() as c:
-        assert len({id(a.store), id(b.store), id(c.store)}) == 3
-    model = EdgeMLP(mlp_bundle, pool, "1")
-    x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
-    (out,) = model.run([model.prepare({"input": Tensor("input", "FP32", x.shape, x)})])
+    with (
+        closing(compile_engine(ENGINE_WASM, tmp_path)) as compiled,
+        closing(EnginePool(compiled, mlp_bundle, size=3, max_memory=64 << 20, deadline_s=5)) as pool,
+    ):
+        with pool.instance() as a, pool.instance() as b, pool.instance() as c:
+            assert len({id(a.store), id(b.store), id(c.store)}) == 3
+        with closing(EdgeMLP(mlp_bundle, pool, "1")) as model:
+            x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
+            (out,) = model.run([model.prepare({"input": Tensor("input", "FP32", x.shape, x)})])
     expected = mlp_reference(tmp_path / "mlp", x)
     assert np.abs(out["logits"] - expected).max() <= 1e-5
-    model.close(), compiled.close()
 
 
 def test_a_pool_closes_the_engine_it_owns_and_only_that(tmp_path: Path, mlp_bundle) -> None:  # type: ignore[no-untyped-def]
