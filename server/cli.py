@@ -27,6 +27,10 @@ log = logging.getLogger("warmpod.server")
 # (server/supervisor.py) learns each worker's private port from it.
 METRICS_LINE_FORMAT = "metrics and health on http://127.0.0.1:{port}"
 METRICS_LINE = re.compile(re.escape(METRICS_LINE_FORMAT.split("{port}")[0]) + r"(\d+)")
+# Printed once the server takes connections on --host:--port (with --reuse-port and --metrics-port: once it has
+# joined the shared port, which is when `warmpod up` counts it as ready).
+LISTENING_LINE_FORMAT = "listening on http://{host}:{port} ({what})"
+LISTENING_LINE = re.compile(r"listening on http://([^\s:]+):(\d+) ")
 
 
 def positive(kind: type[int] | type[float], minimum: float = 1) -> Callable[[str], int | float]:
@@ -212,7 +216,9 @@ async def serve(
             public = site
             host, port = runner.addresses[-1][:2]
             what = description or f"model {config.model}, store {config.store}"
-            print(f"{prog}: listening on http://{host}:{port} ({what})", file=sys.stderr, flush=True)
+            print(
+                f"{prog}: {LISTENING_LINE_FORMAT.format(host=host, port=port, what=what)}", file=sys.stderr, flush=True
+            )
             if left:  # a signal came while it was joining
                 await public.stop()
         code = await state.exit_code

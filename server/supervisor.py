@@ -36,12 +36,11 @@ from server.autoscale import (
     parse_snapshot,
     supervise,
 )
-from server.cli import METRICS_LINE
+from server.cli import LISTENING_LINE, METRICS_LINE
 
 log = logging.getLogger("warmpod.up")
 
 SCRAPE_TIMEOUT_S = 1.0  # a worker that does not answer its metrics within this is unknown for the tick
-READY_POLL_S = 0.1  # how often a starting worker's readiness is asked
 STOP_MARGIN_S = 5.0  # on stop, how long past the workers' drain grace to wait before killing them
 LOADER_STOP_S = 10.0
 QUIET_STATUS_S = 30.0  # an unchanged status line is logged again after this long (a changed one at once)
@@ -236,7 +235,7 @@ class Supervisor:
         self.exited(worker, code)
 
     async def _pump(self, worker: Worker, stream: asyncio.StreamReader) -> None:
-        """Forward the worker's output, prefixed with its name; learn its metrics port from it."""
+        """Forward the worker's output, prefixed with its name; learn from it its metrics port and when it is ready."""
         pending = b""
         while chunk := await stream.read(1 << 16):
             *lines, pending = (pending + chunk).split(b"\n")
@@ -245,21 +244,14 @@ class Supervisor:
                 match = METRICS_LINE.search(line) if worker.metrics_port is None else None
                 if match:
                     worker.metrics_port = int(match.group(1))
-                    worker.tasks.append(asyncio.create_task(self._until_ready(worker), name=f"{worker.name} ready"))
+                elif worker.phase == "starting" and worker.metrics_port is not None and LISTENING_LINE.search(line):
+                    # Ready means taking connections: the worker joins the shared port only once its model is ready.
+                    worker.phase = "ready"
+                    log.info("%s ready after %.1f s", worker.name, self.clock() - worker.started_at)
                 sys.stderr.write(f"[{worker.name}] {line}\n")
             sys.stderr.flush()
         if pending:
             sys.stderr.write(f"[{worker.name}] {pending.decode(errors='replace')}\n")
-
-    async def _until_ready(self, worker: Worker) -> None:
-        url = f"http://127.0.0.1:{worker.metrics_port}/v2/health/ready"
-        while worker.phase == "starting":
-            with contextlib.suppress(*SCRAPE_ERRORS):
-                if (await self.http_get(url))[0] == 200 and worker.phase == "starting":
-                    worker.phase = "ready"
-                    log.info("%s ready after %.1f s", worker.name, self.clock() - worker.started_at)
-                    return
-            await asyncio.sleep(READY_POLL_S)
 
     def exited(self, worker: Worker, code: int) -> None:
         """A worker ended: drained as asked, failed to start (fatal: restarting would not help), or died (replaced)."""

@@ -20,11 +20,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loader.load import LoadRequest, load
+from server.cli import LISTENING_LINE
 from server.metrics import ServerMetrics
 from tests.cliutil import cli_env, warmpod_cmd
 from tests.servers import ServerStartError, wait_until
-
-LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
 
 
 def stage(source: Path, store: Path, model: str) -> str:
@@ -145,7 +144,7 @@ class ServerProcess(LoggedProcess):
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
     ) -> None:
-        super().__init__(argv, log_path=log_path, started=LISTENING, name=name, env=env, cwd=cwd)
+        super().__init__(argv, log_path=log_path, started=LISTENING_LINE, name=name, env=env, cwd=cwd)
         self.port = 0
 
     @property
