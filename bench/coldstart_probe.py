@@ -3,9 +3,10 @@
 Run by bench/coldstart_bench.py once per repetition (a fresh interpreter each time, so imports are paid as the server
 pays them). It calls the server's own functions in the server's order, but without the event loop and the overlap:
 
-  imports     what `warmpod serve` imports before it listens (server.cli, server.app: aiohttp, prometheus, numpy)
+  imports     what `warmpod serve` imports before it listens (warmpod.server.cli, warmpod.server.app: aiohttp,
+              prometheus, numpy)
   torch       what the server imports off the loop before building (torch + the model families)
-  map         loader.store.open_model: read the manifest, mmap the weights (no byte read)
+  map         warmpod.store.open_model: read the manifest, mmap the weights (no byte read)
   populate    StagedModel.populate(): fill the page tables of the mapping (MADV_POPULATE_READ); the server runs it
               on a thread beside the torch import (0 where this version of the store has no populate)
   build       the MLP family on the meta device + assign_weights: the staged tensors become the parameters
@@ -50,23 +51,23 @@ def main(store: Path, model_name: str) -> dict[str, object]:
     steps: dict[str, float] = {}
 
     def server_imports() -> None:
-        import server.app
-        import server.cli  # noqa: F401
+        import warmpod.server.app
+        import warmpod.server.cli  # noqa: F401
 
     timed(steps, "imports", server_imports)
-    from loader.store import open_model
+    from warmpod.store import open_model
 
     def torch_imports() -> None:
         import torch
 
-        import server.families.bert
-        import server.families.mlp  # noqa: F401  (what server.app.import_torch imports)
+        import warmpod.server.families.bert
+        import warmpod.server.families.mlp  # noqa: F401  (what warmpod.server.app.import_torch imports)
 
         torch.set_num_threads(1)
 
     timed(steps, "torch", torch_imports)
-    from server.families.common import read_config
-    from server.families.mlp import MLPModel
+    from warmpod.server.families.common import read_config
+    from warmpod.server.families.mlp import MLPModel
 
     staged = timed(steps, "map", lambda: open_model(store, model_name))
     populate = getattr(staged, "populate", None)

@@ -9,18 +9,19 @@ What runs, all in one process (Node.js in child processes), all in one run:
              two one-layer "GEMM probes" (384 -> 1536 at 1024 rows: MiniLM's FFN up-projection at batch 8 x 128;
              784 -> 512 at 32 rows: the MLP's first layer), no output activation, to read GFLOP/s off the engine,
              which exposes only its ABI.
-  edge       `warmpod edge compile` writes an FP32 bundle of each model; `wasm.app.load_edge` loads it on one engine
-             instance (wasmtime, Cranelift, SIMD128); timed: `model.run([prepared])`, the server's own call (ids or
-             rows written into guest memory, one guest call, outputs read back). "guest call" = `wp_run` alone on the
-             inputs already in guest memory.
+  edge       `warmpod edge compile` writes an FP32 bundle of each model; `warmpod.wasm.app.load_edge` loads it on one
+             engine instance (wasmtime, Cranelift, SIMD128); timed: `model.run([prepared])`, the server's own call
+             (ids or rows written into guest memory, one guest call, outputs read back). "guest call" = `wp_run` alone
+             on the inputs already in guest memory.
   torch      the same model staged with `warmpod load` into a store on /dev/shm and built by
-             `server.families.build_model` (plain-torch BERT / MLP on the mapped weights); OMP_NUM_THREADS=1,
+             `warmpod.server.families.build_model` (plain-torch BERT / MLP on the mapped weights); OMP_NUM_THREADS=1,
              MKL_NUM_THREADS=1 and torch.set_num_threads(1); timed: the same `model.run([prepared])`.
   requests   prepared without the tokenizer (token ids built directly: [CLS] + random ids + [SEP], every row of one
              length, so no length grouping splits a batch); both sides run exactly the forward pass and pooling.
   node       `node wasm/node/edge.mjs BUNDLE --bench N` on the same bundles and requests (its own timers).
-  start      `wasm.host.compile_engine` with no cache, with an empty cache directory and from a warm cache; a fresh
-             Store + Instance + `_initialize` from the compiled module; a whole EngineInstance with the weights in.
+  start      `warmpod.wasm.host.compile_engine` with no cache, with an empty cache directory and from a warm cache; a
+             fresh Store + Instance + `_initialize` from the compiled module; a whole EngineInstance with the
+             weights in.
   ceiling    numpy's OpenBLAS (DYNAMIC_ARCH) forced to one kernel family at a time with OPENBLAS_CORETYPE, one thread,
              on the GEMM probes' shapes: what a native GEMM reaches at 128-bit SIMD without FMA (SSE), 256-bit
              without FMA (AVX), 256-bit with FMA (AVX2) and 512-bit with FMA (AVX-512) on this CPU.
@@ -88,9 +89,9 @@ from serverproc import (  # noqa: E402
 )
 
 if TYPE_CHECKING:
-    from server.families.sentence import BertConfig
-    from server.model import Prepared, ServedModel
-    from wasm.host import CompiledEngine
+    from warmpod.server.families.sentence import BertConfig
+    from warmpod.server.model import Prepared, ServedModel
+    from warmpod.wasm.host import CompiledEngine
 
 MARK_START = "<!-- edge_bench:start -->"
 MARK_END = "<!-- edge_bench:end -->"
@@ -206,7 +207,7 @@ def engine_inputs(case: Case) -> np.ndarray:
 
 def attach_no_epoch(cases: Sequence[Case], compiled: CompiledEngine, bundles: dict[Path, Any]) -> None:
     """Give every case an instance on `compiled` (no epoch checks; one per bundle) and its engine input."""
-    from wasm.host import EngineInstance
+    from warmpod.wasm.host import EngineInstance
 
     instances: dict[Path, Any] = {}
     for case in cases:
@@ -230,7 +231,7 @@ def compile_without_epochs(engine_wasm: Path) -> CompiledEngine:
     """The engine compiled as the host does, but without epoch interruption: no deadline checks in loops."""
     import wasmtime
 
-    from wasm.host import CompiledEngine, EpochTicker, make_engine
+    from warmpod.wasm.host import CompiledEngine, EpochTicker, make_engine
 
     engine = make_engine(epoch_interruption=False)
     module = wasmtime.Module(engine, engine_wasm.read_bytes())
@@ -295,7 +296,7 @@ class StartTimes:
 def measure_start(engine_wasm: Path, root: Path, bundles: dict[str, Any], reps: int) -> StartTimes:
     import wasmtime
 
-    from wasm.host import EngineInstance, compile_engine
+    from warmpod.wasm.host import EngineInstance, compile_engine
 
     out = StartTimes()
     for _ in range(reps):
@@ -480,13 +481,13 @@ def prepared_cases(root: Path, engine_wasm: Path) -> Iterator[Setup]:
     """Bundles, staged copies, both models of each, and the cases (requests prepared once)."""
     import torch
 
-    from loader.store import open_model
-    from server.families import build_model
-    from server.model import Prepared
-    from server.tensors import Tensor
-    from wasm.app import EdgeConfig, load_edge
-    from wasm.bundle import load_bundle
-    from wasm.models import EdgeEncoder
+    from warmpod.server.families import build_model
+    from warmpod.server.model import Prepared
+    from warmpod.server.tensors import Tensor
+    from warmpod.store import open_model
+    from warmpod.wasm.app import EdgeConfig, load_edge
+    from warmpod.wasm.bundle import load_bundle
+    from warmpod.wasm.models import EdgeEncoder
 
     torch.set_num_threads(1)
     sources = {"minilm": minilm_dir()}
@@ -980,7 +981,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks (temp dir on /dev/shm)
     started = dt.datetime.now(dt.UTC)
     t_start = time.monotonic()
-    from wasm.host import ENGINE_WASM, WASMTIME_VERSION
+    from warmpod.wasm.host import ENGINE_WASM, WASMTIME_VERSION
 
     _quiet, quiet_note = wait_quiet(args.quiet_load, args.quiet_timeout)
     node_ver = node_version()
@@ -1036,7 +1037,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"MLP {' → '.join(map(str, MLP_SIZES))} (ReLU, softmax, He-scaled random weights); GEMM probes: one-layer MLPs "
         + ", ".join(f"{k} → {n} at {m} rows" for m, k, n in GEMM_PROBES)
         + ". Edge: FP32 bundles from `warmpod edge compile`; torch: `warmpod load` into a store on /dev/shm, "
-        "`server.families.build_model`.",
+        "`warmpod.server.families.build_model`.",
         "Requests: MiniLM rows of exactly N ids ([CLS] + random word-piece ids + [SEP], no padding, tokenizer not "
         "timed); MLP rows of standard-normal FP32. "
         f"{WARMUP_ROUNDS} warm-up rounds, then {args.reps} rounds, each running every configuration on the edge "

@@ -1,7 +1,7 @@
 """How many embedding requests per second does `warmpod serve` answer, and how fast, next to MLServer and KServe?
 
 The model is all-MiniLM-L6-v2, staged once with `warmpod load` into a store on /dev/shm. All three servers run the
-same model code on it, warmpod's `server.families` (tokenizer, plain-torch BERT, pooling), each behind its own API:
+same model code on it, `warmpod.server.families` (tokenizer, plain-torch BERT, pooling), each behind its own API:
 
   warmpod   `warmpod serve --threads 1 --max-batch-size 32 --max-batch-delay-ms 2`
   mlserver  MLServer with a custom runtime (bench/runtimes/mlserver_runtime.py), adaptive batching with the same
@@ -130,8 +130,8 @@ def reference_embeddings(store: Path, sentences: Sequence[str]) -> tuple[np.ndar
     """Each sentence's embedding and token count, computed in-process with the code the servers run."""
     import torch
 
-    from loader.store import open_model
-    from server.families import build_model
+    from warmpod.server.families import build_model
+    from warmpod.store import open_model
 
     torch.set_num_threads(1)
     model = build_model(open_model(store, MODEL))
@@ -830,7 +830,7 @@ def markdown_section(
         f"- Machine: {machine_line(('torch',))}",
         f"- Versions: {'; '.join(versions)}",
         f"- Model: {MODEL}, staged once with `warmpod load` into a store on /dev/shm. Every server runs warmpod's "
-        "`server.families` code on it (`build_model` → BertEncoder: tokenizer, plain-torch BERT, mean pooling, "
+        "`warmpod.server.families` code on it (`build_model` → BertEncoder: tokenizer, plain-torch BERT, mean pooling, "
         "L2 normalisation), each through its own custom-model API. Threads: OMP_NUM_THREADS=MKL_NUM_THREADS=1 "
         "and torch.set_num_threads(1) in every server.",
         f"- Inputs: {len(sentences)} fixed sentences of {min(words)}-{max(words)} words "

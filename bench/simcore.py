@@ -9,9 +9,9 @@ Pure: values in, values out, no clock and no I/O; seconds are simulated seconds,
 
 The replica is warmpod's server as `server/batcher.py` runs it: a FIFO queue bounded at `max_queue` (a request that
 finds it full is refused, 503: a miss), a dynamic batcher whose batch closes at max_batch rows or max_delay after its
-first request arrived, `workers` forward passes at once (rows split by `server.batcher.share` when several workers
-are idle), a forward pass of `rows` taking seconds(rows) = a + c·rows (times a seeded lognormal factor, the measured
-spread). A request's latency is its arrival to the end of its batch: HTTP and tokenizer time are left out.
+first request arrived, `workers` forward passes at once (rows split by `warmpod.server.batcher.share` when several
+workers are idle), a forward pass of `rows` taking seconds(rows) = a + c·rows (times a seeded lognormal factor, the
+measured spread). A request's latency is its arrival to the end of its batch: HTTP and tokenizer time are left out.
 
 The fleet: requests arrive as a Poisson process with the trace's rate, each sent to the less loaded (queued +
 running) of two ready replicas drawn at random (power of two choices: Envoy's least-request, Ray Serve's router). A
@@ -20,7 +20,7 @@ first), then drains the newest ready ones: no new requests, its queue finishes (
 Replica-seconds count every replica from its creation (starting included) until it is gone or the trace ends.
 
 Each autoscaler ticks at its real period and reads only what it could read in a cluster:
-  WarmpodPolicy  every 2 s, as `warmpod up`'s supervisor: a `server.autoscale.Snapshot` of each ready replica's
+  WarmpodPolicy  every 2 s, as `warmpod up`'s supervisor: a `warmpod.pods.policy.Snapshot` of each ready replica's
                  counters (requests answered, latency histogram with the server's buckets, forward seconds and
                  count, workers) turned into `ReplicaSample`s by `sample_between` the previous scrape; replicas
                  still starting give no sample but count in `current`, and hold further scale-ups.
@@ -50,9 +50,9 @@ from typing import Protocol, cast
 
 import numpy as np
 
-from server.autoscale import PolicyConfig, PolicyState, ReplicaSample, Snapshot, observe_replica, supervise
-from server.batcher import share
-from server.metrics import LATENCY_BUCKETS
+from warmpod.pods.policy import PolicyConfig, PolicyState, ReplicaSample, Snapshot, observe_replica, supervise
+from warmpod.server.batcher import share
+from warmpod.server.metrics import LATENCY_BUCKETS
 
 STARTING, READY, DRAINING, GONE = "starting", "ready", "draining", "gone"
 _ARRIVAL, _DONE, _CLOSE, _READY, _TICK = 0, 1, 2, 3, 4
@@ -431,8 +431,8 @@ def simulate(trace: Trace, service: ServiceModel, policy: Autoscaler | None, con
 
 
 class WarmpodPolicy:
-    """`server.autoscale.decide` as `warmpod up`'s supervisor applies it (server/supervisor.py, `Supervisor.tick`),
-    through the same rules (`server.autoscale.observe_replica` and `supervise`): each tick scrapes the ready
+    """`warmpod.pods.policy.decide` as `warmpod up`'s supervisor applies it (server/supervisor.py, `Supervisor.tick`),
+    through the same rules (`warmpod.pods.policy.observe_replica` and `supervise`): each tick scrapes the ready
     replicas; a replica's first scrape is its baseline, later ones give a sample (`sample_between` the previous
     scrape); no sample yet, no decision; `current` counts ready and starting replicas; a scale-up waits while a
     replica is still starting."""

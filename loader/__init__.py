@@ -1,7 +1,6 @@
-"""warmpod loader: streams safetensors models into a shared-memory store and reads them back zero-copy.
+"""warmpod.loader, the sidecar's writer: streams safetensors models from a source into the store.
 
-`loader.store` is the store format and its reader (imported by the server and the edge); `loader.load` the
-orchestration of one load; `loader.cli` the `warmpod load` sidecar command.
+`sources` reaches the files (fsspec), `plan` and `stream` read them in parallel ranges, `load` orchestrates one load
+(validate, stream, verify), `publish` is the writer's side of the store (lock, staging, atomic publish, GC), `cli`
+is `warmpod load`. The store's format and reader live one floor down, in `warmpod.store`.
 """
-
-__version__ = "0.1.0"

@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from loader.errors import CapacityError
-from loader.plan import human_bytes
+from warmpod.loader.errors import CapacityError
+from warmpod.loader.plan import human_bytes
 
 # cgroup v1 reports "no limit" as a huge number near 2**63.
 _UNLIMITED = 1 << 62

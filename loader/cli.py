@@ -25,13 +25,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from tqdm import tqdm
 
-from loader.errors import LoaderError, UsageError
-from loader.load import LoadEvents, LoadRequest, LoadResult, load
-from loader.metrics import LoaderMetrics
-from loader.plan import DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY, DEFAULT_MAX_BUFFER_BYTES, size_arg
-from loader.sources import SourceFile, redact
-from loader.store import DEFAULT_ROOT, check_model_name, current_version, read_manifest
-from loader.stream import StreamSettings
+from warmpod.cliargs import size_arg
+from warmpod.errors import UsageError, WarmpodError
+from warmpod.loader.load import LoadEvents, LoadRequest, LoadResult, load
+from warmpod.loader.metrics import LoaderMetrics
+from warmpod.loader.plan import DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY, DEFAULT_MAX_BUFFER_BYTES
+from warmpod.loader.sources import SourceFile, redact
+from warmpod.loader.stream import StreamSettings
+from warmpod.store import DEFAULT_ROOT, check_model_name, current_version, read_manifest
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -169,7 +170,7 @@ class CliEvents(LoadEvents):
             self.log("published" if not result.reused else "unchanged", **result.to_json())
         self.last_version = result.version
 
-    def failed(self, error: LoaderError) -> None:
+    def failed(self, error: WarmpodError) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -217,7 +218,7 @@ async def run(req: LoadRequest, watch: float | None, port: int | None, host: str
         while True:
             try:
                 result = await load(req, events)
-            except LoaderError as e:
+            except WarmpodError as e:
                 if watch is None or isinstance(e, UsageError):
                     raise
                 events.failed(e)  # a watching sidecar keeps serving what is published and tries again
@@ -255,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         req = parse_request(args)
         return asyncio.run(_main_async(req, args, events))
-    except LoaderError as e:
+    except WarmpodError as e:  # the one place a load's error becomes its exit code
         events.failed(e)
         print(f"warmpod load: error: {e}", file=sys.stderr)
         return e.exit_code

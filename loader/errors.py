@@ -1,23 +1,18 @@
-"""The loader's one error type, carrying the CLI exit code and the metrics label for each kind of failure."""
+"""The loader's errors: `LoaderError` (under warmpod's root) and one class per kind of failure, each carrying the
+`warmpod load` exit code and the metrics label. Bad flags are the shared `warmpod.errors.UsageError` (exit 2)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
 
+from warmpod.errors import UsageError, WarmpodError
 
-class LoaderError(Exception):
+__all__ = ["UsageError"]  # re-exported: the loader raises the shared one
+
+
+class LoaderError(WarmpodError):
     """A load failed for a reason the user can act on. The message says what was wrong and how to fix it."""
-
-    exit_code = 1
-    kind = "error"
-
-
-class UsageError(LoaderError):
-    """Bad arguments: model name, flags, a source with nothing loadable in it."""
-
-    exit_code = 2
-    kind = "usage"
 
 
 class SourceNotFound(LoaderError):
@@ -75,7 +70,7 @@ def first_error() -> Iterator[None]:
         yield
     except BaseExceptionGroup as group:
         leaves = list(_leaves(group))
-        raise next((e for e in leaves if isinstance(e, LoaderError)), leaves[0]) from None
+        raise next((e for e in leaves if isinstance(e, WarmpodError)), leaves[0]) from None
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:

@@ -21,24 +21,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loader import __version__
-from loader.capacity import Room, cgroup_room, check_room, filesystem_room
-from loader.errors import IntegrityError, InvalidModel, TransientError, UsageError, first_error
-from loader.header import PREFIX_BYTES, Header, header_length, parse_header
-from loader.sources import INDEX_FILE, Source, SourceFile, identity_digest, open_source, redact
-from loader.store import (
-    check_model_name,
+from warmpod import __version__
+from warmpod.loader.capacity import Room, cgroup_room, check_room, filesystem_room
+from warmpod.loader.errors import IntegrityError, InvalidModel, TransientError, UsageError, first_error
+from warmpod.loader.publish import (
     clean_staging,
-    current_version,
     find_version,
     gc_versions,
     point_current,
     publish_version,
     staging_dir,
-    version_dir,
     writer_lock,
 )
-from loader.stream import Events, Streamer, StreamSettings
+from warmpod.loader.sources import INDEX_FILE, Source, SourceFile, identity_digest, open_source, redact
+from warmpod.loader.stream import Events, Streamer, StreamSettings
+from warmpod.safetensors_header import PREFIX_BYTES, Header, header_length, parse_header
+from warmpod.store import check_model_name, current_version, version_dir
 
 JOURNAL = ".warmpod-staging.json"
 # Most headers fit in the first request; larger ones take a second read.
@@ -245,7 +243,7 @@ def _rooms(req: LoadRequest) -> list[Room]:
 def build_manifest(
     source: Source, headers: dict[str, Header], done: dict[str, dict[str, Any]], started: float
 ) -> dict[str, Any]:
-    """The manifest of a staged version (see FORMAT in loader.store)."""
+    """The manifest of a staged version (see FORMAT in warmpod.store)."""
     tensors: dict[str, dict[str, Any]] = {}
     for rel in sorted(headers):
         h = headers[rel]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import random
-import re
 from dataclasses import dataclass
 
 MiB = 1 << 20
@@ -50,26 +48,6 @@ class RetryPolicy:
         """Seconds to wait before retry number `attempt` (1 = first retry)."""
         cap = min(self.max_seconds, self.base_seconds * (2 ** (attempt - 1)))
         return rng.uniform(0, cap)
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i?))?B?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'16MiB' → 16777216, '1.5G' → 1610612736 (binary units for K/M/G/T, 'B' optional), '4096' → 4096."""
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"not a size: {text!r} (examples: 4096, 16MiB, 1GiB)")
-    number, unit = float(m.group(1)), (m.group(2) or "").upper()
-    return int(number * (1 << (10 * " KMGT".index(unit or " "))))
-
-
-def size_arg(text: str) -> int:
-    """`parse_size` as an argparse type: a bad size is a usage error that says why."""
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def human_bytes(n: float) -> str:

@@ -26,7 +26,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 
-from loader.errors import AccessDenied, LoaderError, ShortRead, SourceNotFound, TransientError, UsageError
+from warmpod.errors import WarmpodError
+from warmpod.loader.errors import AccessDenied, LoaderError, ShortRead, SourceNotFound, TransientError, UsageError
 
 # Files a model directory may carry besides its weights; anything larger than this is not "small".
 MAX_AUX_FILE_BYTES = 64 << 20
@@ -196,7 +197,7 @@ class Source:
                         yield piece
             else:
                 yield await self.read_range(f, offset, length)
-        except LoaderError:
+        except WarmpodError:
             raise
         except Exception as e:
             raise classify(e, where) from e
@@ -435,9 +436,9 @@ _PERMANENT_HTTP = {
 }
 
 
-def classify(exc: BaseException, where: str) -> LoaderError:
+def classify(exc: BaseException, where: str) -> WarmpodError:
     """Map a backend exception to a LoaderError; TransientError means "retry may help"."""
-    if isinstance(exc, LoaderError):
+    if isinstance(exc, WarmpodError):
         return exc
     if isinstance(exc, FileNotFoundError):
         return SourceNotFound(f"{where}: not found")

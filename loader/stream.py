@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from loader.errors import IntegrityError, LoaderError, ShortRead, TransientError, first_error
-from loader.plan import (
+from warmpod.loader.errors import IntegrityError, LoaderError, ShortRead, TransientError, first_error
+from warmpod.loader.plan import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_BUFFER_BYTES,
     RetryPolicy,
     plan_ranges,
 )
-from loader.sources import Source, SourceFile, redact
+from warmpod.loader.sources import Source, SourceFile, redact
 
 T = TypeVar("T")
 

@@ -23,14 +23,16 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from loader.store import StagedModel, VersionWatcher, open_model
-from server import openai_api, v2
-from server.autoscale import PolicyConfig, Snapshot, pod_scale_factor, sample_between, snapshot_from_families
-from server.batcher import BatchQueue
-from server.errors import BadRequest, ModelError, NotFound, PayloadTooLarge, ServerError, Unavailable
-from server.metrics import ServerMetrics
-from server.model import ServedModel
-from server.tensors import Tensor
+from warmpod import __version__
+from warmpod.errors import WarmpodError
+from warmpod.pods.policy import PolicyConfig, Snapshot, pod_scale_factor, sample_between, snapshot_from_families
+from warmpod.server import openai_api, v2
+from warmpod.server.batcher import BatchQueue
+from warmpod.server.errors import BadRequest, NotFound, PayloadTooLarge, ServerError, Unavailable
+from warmpod.server.metrics import ServerMetrics
+from warmpod.server.model import ServedModel
+from warmpod.server.source import ModelSource, StoreSource
+from warmpod.server.tensors import Tensor
 
 log = logging.getLogger("warmpod.server")
 
@@ -96,23 +98,24 @@ class ServerState:
             self.exit_code.set_result(code)
 
 
-ModelTask = Callable[[web.Application], Awaitable[None]]
 CONFIG = web.AppKey("config", ServerConfig)
 METRICS = web.AppKey("metrics", ServerMetrics)
 STATE = web.AppKey("state", ServerState)
 BATCHER = web.AppKey("batcher", BatchQueue)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
-MODEL_TASK: web.AppKey[ModelTask] = web.AppKey("model_task")
+SOURCE: web.AppKey[ModelSource] = web.AppKey("source")
 
 
 def create_app(
-    config: ServerConfig, registry: CollectorRegistry | None = None, *, model_task: ModelTask | None = None
+    config: ServerConfig, registry: CollectorRegistry | None = None, *, source: ModelSource | None = None
 ) -> web.Application:
-    """The server. `model_task` puts the model in place (default: follow the store, swapping new versions in);
-    the edge passes its own, everything else — protocol, batching, metrics, drain — is the same."""
+    """The server. `source` is where the model comes from (default: the store, `config.model` in `config.store`);
+    the edge passes its own, everything else — protocol, batching, metrics, drain, hot swap — is the same."""
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[errors_and_metrics])
     app[CONFIG] = config
-    app[MODEL_TASK] = model_task or follow_store
+    app[SOURCE] = source or StoreSource(
+        config.store, config.model, threads=config.threads, factory=config.factory, truncate=config.truncate
+    )
     app[METRICS] = ServerMetrics(registry if registry is not None else CollectorRegistry())
     app.cleanup_ctx.extend([state_ctx, batcher_ctx, model_ctx, scale_signal_ctx])
     app.router.add_get("/v2/health/live", live, name="live")
@@ -158,7 +161,7 @@ async def batcher_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def scale_signal_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Keep `warmpod_scale_factor` current: this replica's demand over its capacity at the SLO (server.autoscale)."""
+    """Keep `warmpod_scale_factor` current: this replica's demand over its capacity at the SLO (warmpod.pods.policy)."""
     config, metrics = app[CONFIG], app[METRICS]
     metrics.workers.set(config.workers)
     policy = PolicyConfig(slo_target_s=config.slo_target_s, slo_quantile=config.slo_quantile)
@@ -198,52 +201,47 @@ async def model_ctx(app: web.Application) -> AsyncIterator[None]:
 async def serve_model(app: web.Application) -> None:
     """Run the model task (put the model in place, report ready, keep it current).
 
-    A model that cannot be served (ModelError) stops the process with exit 5 and the reason; anything unexpected
-    with exit 1 and the error, rather than leaving it "not ready" forever.
+    A model that cannot be served (a WarmpodError: ModelError, a broken store version, an engine that cannot start)
+    stops the process with the error's exit code (5) and the reason; anything unexpected with exit 1 and the error,
+    rather than leaving it "not ready" forever.
     """
     try:
-        await app[MODEL_TASK](app)
+        await follow_source(app)
     except asyncio.CancelledError:
         raise
-    except ModelError as e:
-        app[STATE].stop(5, str(e))
+    except WarmpodError as e:
+        app[STATE].stop(e.exit_code, str(e))
     except Exception as e:
         log.exception("the model task failed")
         app[STATE].stop(1, f"serving {app[CONFIG].model!r} failed: {type(e).__name__}: {e}")
 
 
-async def follow_store(app: web.Application) -> None:
-    """The server's model task: wait for the loader's first version, serve it, swap each new version in."""
-    config, state = app[CONFIG], app[STATE]
-    # Import torch while the loader may still be streaming: the ~1.5 s import overlaps the wait, not the cold start.
-    torch_imported = asyncio.create_task(asyncio.to_thread(import_torch, config.threads), name="import torch")
-    staged = await wait_published(config)
-    # ... and fault the weights' pages in meanwhile, so the warm-up forward does not pay a fault per page (measured:
-    # no net gain on a 2-core VM at 4 GiB, see BENCHMARKS.md; on a swap it keeps the faults off the serving path).
-    await asyncio.gather(torch_imported, asyncio.to_thread(staged.populate))
-    model = await build(app, staged)
-    mark_ready(app, model)
-    watcher = VersionWatcher(config.store, config.model, seen=model.version)
-    del model, staged  # this frame lives as long as the server: it must not keep a version mapped after a swap
+async def follow_source(app: web.Application) -> None:
+    """Wait for the source's first version, serve it, swap each newer version in."""
+    config, state, source = app[CONFIG], app[STATE], app[SOURCE]
+    # Prepare (the torch import) while the loader may still be streaming: it overlaps the wait, not the cold start.
+    prepared = asyncio.create_task(asyncio.to_thread(source.prepare), name="prepare")
+    seen = await wait_published(config, source)
+    await prepared
+    mark_ready(app, await load_timed(app, lambda: source.load(seen)))
     while True:
         await asyncio.sleep(config.poll_interval_s)
         if state.draining:
             continue
-        version = await asyncio.to_thread(watcher.poll)
-        if version is not None:
+        version = await asyncio.to_thread(source.latest)
+        if version is not None and version != seen:
+            seen = version
             await swap(app, version)
 
 
-async def wait_published(config: ServerConfig) -> StagedModel:
+async def wait_published(config: ServerConfig, source: ModelSource) -> str:
     logged = -1e9
-    while True:
-        try:
-            return await asyncio.to_thread(open_model, config.store, config.model)
-        except FileNotFoundError:
-            if time.monotonic() - logged > 30:
-                log.info("waiting for the loader to publish %s in %s", config.model, config.store)
-                logged = time.monotonic()
-            await asyncio.sleep(config.poll_interval_s)
+    while (version := await asyncio.to_thread(source.latest)) is None:
+        if time.monotonic() - logged > 30:
+            log.info("waiting for the loader to publish %s in %s", config.model, config.store)
+            logged = time.monotonic()
+        await asyncio.sleep(config.poll_interval_s)
+    return version
 
 
 def mark_ready(app: web.Application, model: ServedModel) -> None:
@@ -256,18 +254,13 @@ def mark_ready(app: web.Application, model: ServedModel) -> None:
     log.info("ready: model %s version %s (%s), cold start %.2f s", config.model, model.version, model.family, cold)
 
 
-async def build(app: web.Application, staged: StagedModel) -> ServedModel:
-    """Build a model on a staged version off the event loop (map, assign, warm-up), timing it."""
-    return await load_timed(app, lambda: build_in_thread(staged, app[CONFIG]))
-
-
 async def load_timed(app: web.Application, make: Callable[[], ServedModel]) -> ServedModel:
     """Make a model on a thread (off the event loop), recording its load time, failures and version."""
     config, metrics = app[CONFIG], app[METRICS]
     started = time.monotonic()
     try:
         model = await asyncio.to_thread(make)
-    except ModelError:
+    except WarmpodError:
         metrics.model_load_failures.labels(config.model).inc()
         raise
     metrics.model_load_seconds.labels(config.model).observe(time.monotonic() - started)
@@ -275,30 +268,12 @@ async def load_timed(app: web.Application, make: Callable[[], ServedModel]) -> S
     return model
 
 
-def import_torch(threads: int) -> None:
-    """Runs off the loop, so the server answers /live meanwhile. Sets the intra-op thread count (process-wide)."""
-    import torch
-
-    import server.families.bert
-    import server.families.mlp  # noqa: F401  (the families import torch and tokenizers at module level)
-
-    torch.set_num_threads(threads)
-
-
-def build_in_thread(staged: StagedModel, config: ServerConfig) -> ServedModel:
-    from server.families import build_model
-
-    return build_model(staged, factory=config.factory, truncate=config.truncate)
-
-
 async def swap(app: web.Application, version: str) -> None:
     """Build the newly published version beside the old one, switch between batches, then release the old one."""
-    config, state, batcher = app[CONFIG], app[STATE], app[BATCHER]
+    config, state, batcher, source = app[CONFIG], app[STATE], app[BATCHER], app[SOURCE]
     try:
-        staged = await asyncio.to_thread(open_model, config.store, config.model)
-        await asyncio.to_thread(staged.populate)
-        new = await build(app, staged)
-    except (ModelError, FileNotFoundError) as e:
+        new = await load_timed(app, lambda: source.load(version))
+    except WarmpodError as e:
         log.error("version %s of %s cannot be served, keeping version %s: %s", version, config.model,
                   state.model.version if state.model else "-", e)  # fmt: skip
         return
@@ -427,13 +402,7 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def server_metadata(request: web.Request) -> web.Response:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        ours = version("warmpod")
-    except PackageNotFoundError:
-        ours = "dev"
-    return _json({"name": "warmpod", "version": ours, "extensions": ["binary_tensor_data", "openai_embeddings"]})
+    return _json({"name": "warmpod", "version": __version__, "extensions": ["binary_tensor_data", "openai_embeddings"]})
 
 
 def served_model(request: web.Request, name: str | None = None) -> ServedModel:

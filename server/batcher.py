@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.errors import DeadlineExceeded, ServerError, Unavailable
-from server.metrics import ServerMetrics
-from server.model import Prepared, ServedModel
+from warmpod.server.errors import DeadlineExceeded, ServerError, Unavailable
+from warmpod.server.metrics import ServerMetrics
+from warmpod.server.model import Prepared, ServedModel
 
 log = logging.getLogger(__name__)
 

@@ -6,57 +6,23 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loader.plan import size_arg
-from loader.store import DEFAULT_ROOT
-from server.app import ModelTask, ServerConfig, process_start_time
+from warmpod.cliargs import positive, quantile, size_arg
+from warmpod.pods.lines import LISTENING_LINE_FORMAT, METRICS_LINE_FORMAT
+from warmpod.server.app import ServerConfig, process_start_time
+from warmpod.store import DEFAULT_ROOT
 
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from warmpod.server.source import ModelSource
+
 log = logging.getLogger("warmpod.server")
-
-
-# The line a server with --metrics-port prints once that port listens, after "PROG: ". `warmpod up`'s supervisor
-# (server/supervisor.py) learns each worker's private port from it.
-METRICS_LINE_FORMAT = "metrics and health on http://127.0.0.1:{port}"
-METRICS_LINE = re.compile(re.escape(METRICS_LINE_FORMAT.split("{port}")[0]) + r"(\d+)")
-# Printed once the server takes connections on --host:--port (with --reuse-port and --metrics-port: once it has
-# joined the shared port, which is when `warmpod up` counts it as ready).
-LISTENING_LINE_FORMAT = "listening on http://{host}:{port} ({what})"
-LISTENING_LINE = re.compile(r"listening on http://([^\s:]+):(\d+) ")
-
-
-def positive(kind: type[int] | type[float], minimum: float = 1) -> Callable[[str], int | float]:
-    """An argparse `type=`: a number of `kind` at least `minimum` (NaN refused)."""
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value >= minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
-        return value
-
-    return parse
-
-
-def quantile(text: str) -> float:
-    """An argparse `type=`: a quantile, in (0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
 
 
 def build_parser(*, allow_abbrev: bool = True) -> argparse.ArgumentParser:
@@ -164,7 +130,7 @@ async def serve(
     *,
     reuse_port: bool = False,
     metrics_port: int | None = None,
-    model_task: ModelTask | None = None,
+    source: ModelSource | None = None,
     prog: str = "warmpod serve",
     description: str = "",
 ) -> int:
@@ -176,9 +142,9 @@ async def serve(
     """
     from aiohttp import web
 
-    from server.app import STATE, create_app, drain
+    from warmpod.server.app import STATE, create_app, drain
 
-    app = create_app(config, model_task=model_task)
+    app = create_app(config, source=source)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     handoff = reuse_port and metrics_port is not None
@@ -246,8 +212,11 @@ async def _listen(site: web.BaseSite, prog: str, host: str, port: int) -> bool:
     return True
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, source: Callable[[ServerConfig], ModelSource] | None = None) -> int:
+    """`warmpod serve`. `source` makes the model source from the config (default: the store; a benchmark's
+    baseline passes its own)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     config = config_from_args(args)
-    return asyncio.run(serve(config, reuse_port=args.reuse_port, metrics_port=args.metrics_port))
+    made = source(config) if source is not None else None
+    return asyncio.run(serve(config, reuse_port=args.reuse_port, metrics_port=args.metrics_port, source=made))

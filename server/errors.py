@@ -1,9 +1,12 @@
-"""The server's one error type: each kind carries the HTTP status it maps to (one middleware turns it into JSON)."""
+"""The server's errors: `ServerError` (under warmpod's root) and one class per kind, each carrying the HTTP status
+it maps to (one middleware, in warmpod.server.app, turns them into each protocol's JSON)."""
 
 from __future__ import annotations
 
+from warmpod.errors import WarmpodError
 
-class ServerError(Exception):
+
+class ServerError(WarmpodError):
     """A request (or a model at start) failed for a reason the caller can act on; the message says which."""
 
     status = 500
@@ -51,3 +54,4 @@ class ModelError(ServerError):
 
     status = 500
     reason = "model"
+    exit_code = 5  # `warmpod serve` stops with 5 when its model cannot be served

@@ -1,8 +1,8 @@
 """What every model family gives the server: input/output specs, per-request preparation, a batched forward.
 
 The batcher and the protocol layer only see this interface; families (BERT encoders, MLPs, user factories) live in
-`server.families`. Weights are never copied: families build their module on the meta device and assign the staged
-read-only tensors with `assign_weights`, which also names every missing, extra or mis-shaped tensor.
+`warmpod.server.families`. Weights are never copied: families build their module on the meta device and assign the
+staged read-only tensors with `assign_weights`, which also names every missing, extra or mis-shaped tensor.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from server.errors import BadRequest, ModelError
-from server.tensors import Tensor, TensorSpec
+from warmpod.server.errors import BadRequest, ModelError
+from warmpod.server.tensors import Tensor, TensorSpec
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from loader.store import StagedModel
+    from warmpod.store import StagedModel
 
 
 M = TypeVar("M", bound="nn.Module")

@@ -12,8 +12,8 @@ from typing import Any, Literal, cast
 
 import numpy as np
 
-from server.errors import BadRequest
-from server.v2 import load_json
+from warmpod.server.errors import BadRequest
+from warmpod.server.v2 import load_json
 
 EncodingFormat = Literal["float", "base64"]
 ENCODING_FORMATS: tuple[EncodingFormat, ...] = ("float", "base64")

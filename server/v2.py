@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from server.errors import BadRequest
-from server.tensors import DATATYPES, NUMPY_DTYPES, Tensor
+from warmpod.server.errors import BadRequest
+from warmpod.server.tensors import DATATYPES, NUMPY_DTYPES, Tensor
 
 HEADER_LENGTH_HEADER = "Inference-Header-Content-Length"
 

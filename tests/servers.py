@@ -56,7 +56,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, DummyCookieJar, T
 from multidict import CIMultiDict
 from yarl import URL
 
-from server.supervisor import die_with_parent
+from warmpod.pods.process import die_with_parent
 
 if TYPE_CHECKING:
     import s3fs

@@ -19,11 +19,11 @@ from typing import Any, Self
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from loader.load import LoadRequest, load
-from server.cli import LISTENING_LINE
-from server.metrics import ServerMetrics
 from tests.cliutil import cli_env, warmpod_cmd
 from tests.servers import ServerStartError, wait_until
+from warmpod.loader.load import LoadRequest, load
+from warmpod.pods.lines import LISTENING_LINE
+from warmpod.server.metrics import ServerMetrics
 
 
 def stage(source: Path, store: Path, model: str) -> str:

@@ -9,15 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from aiohttp import web
 
-from server.app import CONFIG, ModelTask, load_timed, mark_ready
-from server.errors import ModelError
-from server.model import ServedModel
-from server.tensors import Tensor
-from wasm.bundle import Bundle, from_model, is_bundle, load_bundle, model_directory
-from wasm.host import DEFAULT_CACHE, ENGINE_WASM, CompiledEngine, EngineError, EnginePool, compile_engine
-from wasm.models import edge_model
+from warmpod.server.app import ServerConfig
+from warmpod.server.errors import ModelError
+from warmpod.server.model import ServedModel
+from warmpod.server.tensors import Tensor
+from warmpod.wasm.bundle import Bundle, BundleError, from_model, is_bundle, load_bundle, model_directory
+from warmpod.wasm.host import DEFAULT_CACHE, ENGINE_WASM, CompiledEngine, EngineError, EnginePool, compile_engine
+from warmpod.wasm.models import edge_model
 
 log = logging.getLogger("warmpod.edge")
 
@@ -86,20 +85,28 @@ def load_edge(edge: EdgeConfig, *, workers: int, deadline_s: float, truncate: bo
     return model
 
 
-def edge_task(edge: EdgeConfig) -> ModelTask:
-    """The model task for `create_app`: load the bundle once (bundles are immutable: nothing to follow)."""
+class EdgeSource:
+    """The edge's model source (warmpod.server.source.ModelSource): one bundle, loaded once. Bundles are immutable,
+    so there is never a newer version to swap in (a new bundle is a new rollout)."""
 
-    async def serve_edge(app: web.Application) -> None:
-        config = app[CONFIG]
-        model = await load_timed(
-            app,
-            lambda: load_edge(
-                edge, workers=config.workers, deadline_s=config.request_timeout_s, truncate=config.truncate
-            ),
-        )
-        mark_ready(app, model)
+    VERSION = "bundle"
 
-    return serve_edge
+    def __init__(self, edge: EdgeConfig, config: ServerConfig) -> None:
+        self.edge, self.config = edge, config
+
+    def prepare(self) -> None:
+        pass
+
+    def latest(self) -> str:
+        return self.VERSION
+
+    def load(self, version: str) -> ServedModel:
+        config = self.config
+        try:
+            return load_edge(self.edge, workers=config.workers, deadline_s=config.request_timeout_s,
+                             truncate=config.truncate)  # fmt: skip
+        except BundleError as e:
+            raise ModelError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------- compile with accuracy

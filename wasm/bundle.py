@@ -10,6 +10,7 @@ Torch is never imported: the edge runs where torch is not installed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -20,24 +21,54 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
-from server.errors import ModelError
-from server.families.common import read_json_object
-from server.families.mlp_spec import MLPConfig
-from server.families.sentence import (
+from warmpod.errors import WarmpodError
+from warmpod.server.errors import ModelError
+from warmpod.server.families.common import read_json_object
+from warmpod.server.families.mlp_spec import MLPConfig
+from warmpod.server.families.sentence import (
     BertConfig,
     SentenceSettings,
     read_sentence_files,
     select_encoder_tensors,
 )
-from server.model import weight_problems
+from warmpod.server.model import weight_problems
+from warmpod.store import InvalidWeights, StoreError, open_model
 
 FORMAT = "warmpod-edge"
 FORMAT_VERSION = 1
 MANIFEST = "edge.json"
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class BundleError(WarmpodError):
+    """A model the edge cannot compile, or a bundle it cannot read; the message names the part and the rule.
+
+    Offline (`warmpod edge compile`) it ends the command with exit 5; `warmpod edge serve` reports it as the model
+    that cannot be served (also exit 5). The model families' own checks (config.json, sentence settings) raise the
+    server's ModelError; the public functions here turn those into BundleError too (`bundle_errors`)."""
+
+    exit_code = 5
+    kind = "bundle"
+
+
+def bundle_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """A public entry point raises BundleError for every model-description problem, the families' included."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except (ModelError, BundleError) as e:
+            raise BundleError(str(e)) from None
+
+    return wrapper
+
+
 WEIGHTS = "weights.safetensors"
 TOKENIZER = "tokenizer.json"
 DTYPES = ("fp32", "fp16", "int8")
@@ -155,7 +186,7 @@ def graph_of(kind: str, config: Mapping[str, Any]) -> Graph:
     if kind == "mlp":
         sizes = config.get("sizes")
         if not isinstance(sizes, list) or len(sizes) < 2:
-            raise ModelError(f"{MANIFEST}: config.sizes must list at least two layer sizes, got {sizes!r}")
+            raise BundleError(f"{MANIFEST}: config.sizes must list at least two layer sizes, got {sizes!r}")
         # Checked as the MLP family checks a config.json, so a bad bundle is named as a bad model would be.
         as_json = {"input_size": sizes[0], "hidden_sizes": sizes[1:-1], "output_size": sizes[-1], **config}
         return mlp_graph(MLPConfig.from_json(as_json))
@@ -163,12 +194,12 @@ def graph_of(kind: str, config: Mapping[str, Any]) -> Graph:
         bert = BertConfig.from_json(config)
         pooling, normalize = config.get("pooling"), config.get("normalize")
         if pooling not in POOLING_CODES or not isinstance(normalize, bool):
-            raise ModelError(
+            raise BundleError(
                 f"{MANIFEST}: config.pooling must be one of {', '.join(POOLING_CODES)} and config.normalize a "
                 f"boolean, got {pooling!r} and {normalize!r}"
             )
         return bert_graph(bert, SentenceSettings(pooling, normalize, bert.max_position_embeddings, False))
-    raise ModelError(f"{MANIFEST}: kind {kind!r} is not one the engine runs ({', '.join(KINDS)})")
+    raise BundleError(f"{MANIFEST}: kind {kind!r} is not one the engine runs ({', '.join(KINDS)})")
 
 
 def fit_tensors(graph: Graph, tensors: Mapping[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
@@ -180,7 +211,7 @@ def fit_tensors(graph: Graph, tensors: Mapping[str, np.ndarray], what: str) -> d
              for n, s in wanted.items() if n in tensors and tuple(tensors[n].shape) != s]  # fmt: skip
     problems = weight_problems(missing, extra, wrong)
     if problems:
-        raise ModelError(f"{what}: the weights do not match the {graph.kind} graph — {problems}")
+        raise BundleError(f"{what}: the weights do not match the {graph.kind} graph — {problems}")
     return {n: tensors[n] for n in wanted}
 
 
@@ -265,7 +296,7 @@ def as_array(buffer: Any, dtype: str, shape: Sequence[int], offset: int, name: s
         return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
     np_dtype = _SAFETENSORS_NUMPY.get(dtype)
     if np_dtype is None:
-        raise ModelError(f"tensor {name!r} is {dtype}, which the edge cannot read")
+        raise BundleError(f"tensor {name!r} is {dtype}, which the edge cannot read")
     return np.frombuffer(buffer, dtype=np_dtype, count=count, offset=offset).reshape(shape)
 
 
@@ -276,19 +307,18 @@ def map_file(path: Path) -> mmap.mmap | bytes:
             size = os.fstat(f.fileno()).st_size
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     except OSError as e:
-        raise ModelError(f"{path}: cannot read: {e.strerror}") from None
+        raise BundleError(f"{path}: cannot read: {e.strerror}") from None
 
 
 def parse_safetensors(mapping: mmap.mmap | bytes, path: Path) -> dict[str, np.ndarray]:
     """The tensors of a mapped safetensors file as read-only numpy views of the mapping (BF16 widened to FP32)."""
-    from loader.errors import InvalidModel
-    from loader.header import PREFIX_BYTES, header_length, parse_header
+    from warmpod.safetensors_header import PREFIX_BYTES, header_length, parse_header
 
     try:
         n = header_length(bytes(mapping[:PREFIX_BYTES]), path.name)
         header = parse_header(bytes(mapping[PREFIX_BYTES : PREFIX_BYTES + n]), path.name, len(mapping))
-    except InvalidModel as e:
-        raise ModelError(str(e)) from None
+    except InvalidWeights as e:
+        raise BundleError(str(e)) from None
     return {t.name: as_array(mapping, t.dtype, t.shape, header.data_start + t.begin, t.name) for t in header.tensors}
 
 
@@ -307,13 +337,14 @@ class ModelFiles:
     source: dict[str, Any]
 
 
+@bundle_errors
 def model_directory(path: Path, name: str | None = None) -> ModelFiles:
     """A directory with config.json and *.safetensors (a checkout, a volume, an unpacked package)."""
     files = sorted(path.glob("*.safetensors"))
     if not path.is_dir():
-        raise ModelError(f"{path} is not a directory (a model directory or an edge bundle)")
+        raise BundleError(f"{path} is not a directory (a model directory or an edge bundle)")
     if not files:
-        raise ModelError(f"{path}: no *.safetensors files; warmpod reads safetensors only (never pickle)")
+        raise BundleError(f"{path}: no *.safetensors files; warmpod reads safetensors only (never pickle)")
 
     def load() -> dict[str, np.ndarray]:
         tensors: dict[str, np.ndarray] = {}
@@ -324,15 +355,14 @@ def model_directory(path: Path, name: str | None = None) -> ModelFiles:
     return ModelFiles(name or path.name, lambda rel: path / rel, load, {"directory": str(path)})
 
 
+@bundle_errors
 def staged_version(store: Path, model: str, name: str | None = None) -> ModelFiles:
     """The current published version of `model` in a warmpod store (read through its mapping, no copy), served as
     `name` (default: the model's name in the store)."""
-    from loader.store import open_model
-
     try:
         staged = open_model(store, model)
-    except FileNotFoundError as e:
-        raise ModelError(str(e)) from None
+    except StoreError as e:
+        raise BundleError(str(e)) from None
 
     def load() -> dict[str, np.ndarray]:
         return {n: as_array(staged.buffer(n), e.dtype, e.shape, 0, n) for n, e in staged.tensor_index.items()}
@@ -341,11 +371,12 @@ def staged_version(store: Path, model: str, name: str | None = None) -> ModelFil
     return ModelFiles(name or model, staged.file_path, load, source)
 
 
+@bundle_errors
 def from_model(files: ModelFiles) -> Bundle:
     """An FP32 bundle of a model; ModelError naming the unsupported part when the engine cannot run it."""
     config = read_json_object(files.file_path("config.json"), "config.json")
     if config is None:
-        raise ModelError(f"model {files.name!r}: no config.json; the edge picks the graph from its model_type")
+        raise BundleError(f"model {files.name!r}: no config.json; the edge picks the graph from its model_type")
     kind = config.get("model_type")
     what = f"model {files.name!r}"
     if kind == "mlp":
@@ -356,8 +387,8 @@ def from_model(files: ModelFiles) -> Bundle:
         try:
             bert = BertConfig.from_json(config)
             sentence = read_sentence_files(files.file_path, bert)
-        except ModelError as e:
-            raise ModelError(f"{what}: {e}") from None
+        except (ModelError, BundleError) as e:
+            raise BundleError(f"{what}: {e}") from None
         settings = sentence.settings
         graph = bert_graph(bert, settings)
         tensors, _ = select_encoder_tensors(files.load_tensors())
@@ -365,27 +396,28 @@ def from_model(files: ModelFiles) -> Bundle:
         text = {"max_seq_length": settings.max_seq_length, "truncate": settings.truncate,
                 "pad_token_id": bert.pad_token_id}  # fmt: skip
     else:
-        raise ModelError(
+        raise BundleError(
             f"{what}: model_type {kind!r} cannot run on the edge engine, which runs 'bert' encoders "
             "(sentence embeddings) and 'mlp' models"
         )
     fitted = fit_tensors(graph, tensors, what)
     not_float = [f"{n} ({t.dtype})" for n, t in fitted.items() if not np.issubdtype(t.dtype, np.floating)]
     if not_float:
-        raise ModelError(
+        raise BundleError(
             f"{what}: the edge engine computes in floating point; these tensors are not: {', '.join(not_float)}"
         )
     f32 = {n: np.ascontiguousarray(t, dtype=np.float32) for n, t in fitted.items()}
     return Bundle(files.name, graph, "fp32", f32, tokenizer, text, None, files.source)
 
 
+@bundle_errors
 def write_bundle(bundle: Bundle, out: Path) -> Path:
     """Write the bundle directory atomically: a reader sees the whole bundle or none (rename of a finished dir)."""
     from safetensors.numpy import save_file
 
     out = out.absolute()
     if out.exists():
-        raise ModelError(f"{out} already exists; choose a new output directory (bundles are never overwritten)")
+        raise BundleError(f"{out} already exists; choose a new output directory (bundles are never overwritten)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -416,6 +448,7 @@ def is_bundle(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
+@bundle_errors
 def bundle_name(path: Path) -> str:
     """The model name a bundle serves (edge.json's `name`), else the directory's name (also for a model directory
     or a manifest that cannot be read: loading the bundle reports that properly)."""
@@ -427,43 +460,44 @@ def bundle_name(path: Path) -> str:
     return str(name) if name else path.name
 
 
+@bundle_errors
 def load_bundle(path: Path) -> Bundle:
     """Read and check a bundle; ModelError says exactly what does not fit (format, digest, graph vs weights)."""
     what = f"edge bundle {path}"
     manifest = read_json_object(path / MANIFEST, MANIFEST)
     if manifest is None:
-        raise ModelError(f"{what}: no {MANIFEST}; build one with `warmpod edge compile`")
+        raise BundleError(f"{what}: no {MANIFEST}; build one with `warmpod edge compile`")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise ModelError(
+        raise BundleError(
             f"{what}: {MANIFEST} is format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
             f"this warmpod reads {FORMAT!r} version {FORMAT_VERSION}"
         )
     dtype = manifest.get("dtype")
     if dtype not in DTYPES:
-        raise ModelError(f"{what}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise BundleError(f"{what}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     config = manifest.get("config")
     if not isinstance(config, dict):
-        raise ModelError(f"{what}: {MANIFEST} has no config object")
+        raise BundleError(f"{what}: {MANIFEST} has no config object")
     try:
         graph = graph_of(str(manifest.get("kind")), config)
-    except ModelError as e:
-        raise ModelError(f"{what}: {e}") from None
+    except (ModelError, BundleError) as e:
+        raise BundleError(f"{what}: {e}") from None
     if manifest.get("tensors") != graph.names:
-        raise ModelError(f"{what}: {MANIFEST} lists tensors that are not the {graph.kind} graph's, in its order")
+        raise BundleError(f"{what}: {MANIFEST} lists tensors that are not the {graph.kind} graph's, in its order")
     weights = path / WEIGHTS
     expected = (manifest.get("weights") or {}).get("sha256")
     if not weights.is_file():
-        raise ModelError(f"{what}: {WEIGHTS} is missing")
+        raise BundleError(f"{what}: {WEIGHTS} is missing")
     mapping = map_file(weights)  # hashed, then parsed: one read of the file
     if hashlib.sha256(mapping).hexdigest() != expected:
-        raise ModelError(f"{what}: {WEIGHTS} does not match the sha256 in {MANIFEST} (changed or truncated)")
+        raise BundleError(f"{what}: {WEIGHTS} does not match the sha256 in {MANIFEST} (changed or truncated)")
     stored = parse_safetensors(mapping, weights)
     _check_stored(graph, stored, dtype, what)
     tokenizer = text = None
     if graph.kind == "bert":
         text = manifest.get("text")
         if not isinstance(text, dict) or not (path / TOKENIZER).is_file():
-            raise ModelError(f"{what}: a bert bundle needs {MANIFEST} 'text' settings and {TOKENIZER}")
+            raise BundleError(f"{what}: a bert bundle needs {MANIFEST} 'text' settings and {TOKENIZER}")
         tokenizer = path / TOKENIZER
         text = {k: v for k, v in text.items() if k != "tokenizer"}
     name = str(manifest.get("name") or path.name)
@@ -477,8 +511,8 @@ def _check_stored(graph: Graph, stored: Mapping[str, np.ndarray], dtype: str, wh
     for name, shape in graph.tensors:
         t = stored[name]
         if t.dtype.type not in allowed:
-            raise ModelError(f"{what}: tensor {name} is {t.dtype}, not what a {dtype} bundle stores")
+            raise BundleError(f"{what}: tensor {name} is {t.dtype}, not what a {dtype} bundle stores")
         if t.dtype == np.int8:
             scale = stored.get(name + ".scale")
             if len(shape) != 2 or scale is None or scale.shape != (shape[0],) or scale.dtype != np.float32:
-                raise ModelError(f"{what}: int8 tensor {name} needs {name}.scale, F32 [{shape[0]}]")
+                raise BundleError(f"{what}: int8 tensor {name} needs {name}.scale, F32 [{shape[0]}]")

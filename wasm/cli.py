@@ -10,12 +10,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from loader.plan import size_arg
-from loader.store import DEFAULT_ROOT
-from server.cli import add_serving_arguments, serve, serving_config
-from server.errors import ModelError
-from wasm.bundle import DTYPES, bundle_name, from_model, model_directory, staged_version, write_bundle
-from wasm.host import DEFAULT_CACHE, ENGINE_WASM, EngineError
+from warmpod.cliargs import size_arg
+from warmpod.errors import WarmpodError
+from warmpod.server.cli import add_serving_arguments, serve, serving_config
+from warmpod.store import DEFAULT_ROOT
+from warmpod.wasm.bundle import DTYPES, bundle_name, from_model, model_directory, staged_version, write_bundle
+from warmpod.wasm.host import DEFAULT_CACHE, ENGINE_WASM
 
 USAGE = "usage: warmpod edge {compile,serve} ...\n\nRun 'warmpod edge compile --help' or 'warmpod edge serve --help'."
 
@@ -67,7 +67,7 @@ def _engine_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_compile(args: argparse.Namespace) -> int:
-    from wasm.app import measure_accuracy
+    from warmpod.wasm.app import measure_accuracy
 
     if (args.store is None) != (args.model is None) or (args.source is None) == (args.store is None):
         print("warmpod edge compile: error: give a model directory, or --store and --model", file=sys.stderr)
@@ -85,9 +85,9 @@ def run_compile(args: argparse.Namespace) -> int:
                   f"--max-error {args.max_error:g}; nothing written (try fp16 or fp32)", file=sys.stderr)  # fmt: skip
             return 5
         out = write_bundle(bundle, args.output)
-    except (ModelError, EngineError) as e:
+    except WarmpodError as e:  # BundleError, EngineError: the command's one handler
         print(f"warmpod edge compile: error: {e}", file=sys.stderr)
-        return 5
+        return e.exit_code
     size = sum(f.stat().st_size for f in out.iterdir())
     report = f"wrote {out} ({bundle.graph.kind}, {args.dtype}, {size / 1e6:.1f} MB)"
     if args.dtype != "fp32":
@@ -99,7 +99,7 @@ def run_compile(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from wasm.app import EdgeConfig, edge_task
+    from warmpod.wasm.app import EdgeConfig, EdgeSource
 
     source: Path = args.bundle
     if not source.is_dir():
@@ -108,7 +108,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     config = serving_config(args, model=bundle_name(source), store=source)
     edge = EdgeConfig(source, args.engine, None if args.no_cache else args.cache_dir, args.max_memory)
-    return asyncio.run(serve(config, reuse_port=args.reuse_port, model_task=edge_task(edge),
+    return asyncio.run(serve(config, reuse_port=args.reuse_port, source=EdgeSource(edge, config),
                              prog="warmpod edge serve", description=f"edge, {source}"))  # fmt: skip
 
 

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import wasmtime
 
-from wasm.bundle import KIND_CODES, Bundle
+from warmpod.errors import WarmpodError
+from warmpod.wasm.bundle import KIND_CODES, Bundle
 
 log = logging.getLogger("warmpod.edge")
 
@@ -61,8 +62,11 @@ _STATUS = {-1: "bad argument", -2: "out of memory", -3: "weights do not fit the 
            -5: "not ready"}  # fmt: skip
 
 
-class EngineError(Exception):
+class EngineError(WarmpodError):
     """The engine refused, failed or trapped; the message says what and why."""
+
+    exit_code = 5  # an engine that cannot start: the model cannot be served (or compiled)
+    kind = "engine"
 
 
 class EngineInterrupted(EngineError):

@@ -10,13 +10,13 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from server.errors import DeadlineExceeded, ModelError, ServerError
-from server.families.common import split_rows, stack_inputs
-from server.families.mlp_spec import MLPConfig, MLPInterface
-from server.families.sentence import BertConfig, SentenceSettings, TextEncoder, load_tokenizer
-from server.model import Prepared, ServedModel
-from wasm.bundle import Bundle
-from wasm.host import EngineError, EngineInstance, EngineInterrupted, EnginePool
+from warmpod.server.errors import DeadlineExceeded, ModelError, ServerError
+from warmpod.server.families.common import split_rows, stack_inputs
+from warmpod.server.families.mlp_spec import MLPConfig, MLPInterface
+from warmpod.server.families.sentence import BertConfig, SentenceSettings, TextEncoder, load_tokenizer
+from warmpod.server.model import Prepared, ServedModel
+from warmpod.wasm.bundle import Bundle
+from warmpod.wasm.host import EngineError, EngineInstance, EngineInterrupted, EnginePool
 
 
 def engine_failure(e: EngineError) -> ServerError:

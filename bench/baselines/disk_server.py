@@ -11,9 +11,10 @@ directory on disk with `safetensors.torch.load_file`. Two ways (--weights):
         processes mapping the same file while nobody writes them. Zero-copy, but only as long as the file stays in
         the page cache of this node.
 
-    python bench/baselines/disk_server.py --model-dir DIR [--weights copy|mmap] --model NAME [`warmpod serve` flags]
+    python -m bench.baselines.disk_server --model-dir DIR [--weights copy|mmap] --model NAME [`warmpod serve` flags]
 
-`--store` is still accepted: the server watches it for new versions, so point it at a directory with nothing in it.
+The weights come through a model source of its own (`DiskSource`, warmpod.server.source.ModelSource): nothing of
+the server is patched. `--store` is still accepted and unused.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from loader.store import StagedModel  # noqa: E402
+from warmpod.server.source import StoreSource
+from warmpod.store import StagedModel
 
 if TYPE_CHECKING:
     import torch
+
+    from warmpod.server.app import ServerConfig
+    from warmpod.server.model import ServedModel
 
 DISK_VERSION = "disk"
 
@@ -71,6 +73,21 @@ class DiskModel(StagedModel):
         return self._tensors
 
 
+class DiskSource(StoreSource):
+    """The server's own source, but the weights come from `model_dir` on disk (one version, never swapped)."""
+
+    def __init__(self, config: ServerConfig, model_dir: Path, *, copy: bool) -> None:
+        super().__init__(config.store, config.model, threads=config.threads, factory=config.factory,
+                         truncate=config.truncate)  # fmt: skip
+        self.model_dir, self.copy = model_dir, copy
+
+    def latest(self) -> str:
+        return DISK_VERSION
+
+    def load(self, version: str) -> ServedModel:
+        return self.build(DiskModel.at(self.model, self.model_dir, copy=self.copy))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--model-dir", type=Path, required=True, help="model directory on disk (config.json + weights)")
@@ -81,14 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"disk_server: error: no config.json in {model_dir}", file=sys.stderr)
         return 2
 
-    import server.app
-    from server import cli
+    from warmpod.server import cli
 
-    def open_disk_model(root: Path, name: str, attempts: int = 5) -> StagedModel:
-        return DiskModel.at(name, model_dir, copy=ours.weights == "copy")
-
-    server.app.open_model = open_disk_model  # type: ignore[attr-defined]  # where the server gets its weights
-    return cli.main(rest)
+    return cli.main(rest, source=lambda config: DiskSource(config, model_dir, copy=ours.weights == "copy"))
 
 
 if __name__ == "__main__":

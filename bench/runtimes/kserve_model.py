@@ -1,4 +1,5 @@
-"""KServe custom model for bench/serve_bench.py: warmpod's own model code (server.families) behind `kserve.Model`.
+"""KServe custom model for bench/serve_bench.py: warmpod's own model code (warmpod.server.families) behind
+`kserve.Model`.
 
     python bench/runtimes/kserve_model.py --model_name all-MiniLM-L6-v2 --store DIR --http_port P --workers 1
 
@@ -24,8 +25,8 @@ from kserve.errors import InvalidInput
 from kserve.protocol.rest.server import RESTServer
 from kserve.utils.utils import generate_uuid
 
-from loader.store import open_model
-from server.families import build_model
+from warmpod.server.families import build_model
+from warmpod.store import open_model
 
 HOST = "127.0.0.1"
 

@@ -1,4 +1,5 @@
-"""MLServer custom runtime for bench/serve_bench.py: warmpod's own model code (server.families) behind MLServer's API.
+"""MLServer custom runtime for bench/serve_bench.py: warmpod's own model code (warmpod.server.families) behind
+MLServer's API.
 
 model-settings.json (written by the bench) names this class as `implementation`, the model as `name` (also its name in
 the store) and the store root as `parameters.uri`. With adaptive batching on, MLServer merges queued requests into
@@ -16,11 +17,11 @@ from mlserver.codecs import NumpyCodec, StringCodec
 from mlserver.errors import InferenceError
 from mlserver.types import InferenceRequest, InferenceResponse
 
-from loader.store import open_model
-from server.families import build_model
+from warmpod.server.families import build_model
+from warmpod.store import open_model
 
 if TYPE_CHECKING:
-    from server.model import ServedModel
+    from warmpod.server.model import ServedModel
 
 
 class MiniLMRuntime(MLModel):  # type: ignore[misc]  # mlserver is untyped

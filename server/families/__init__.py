@@ -6,10 +6,10 @@ The family is chosen from the staged `config.json`: `model_type` "bert" → sent
 
 from __future__ import annotations
 
-from loader.store import StagedModel
-from server.errors import ModelError
-from server.families.common import read_config
-from server.model import ServedModel
+from warmpod.server.errors import ModelError
+from warmpod.server.families.common import read_config
+from warmpod.server.model import ServedModel
+from warmpod.store import StagedModel
 
 BERT_TYPES = ("bert",)
 FAMILIES = "model_type 'bert' (sentence embeddings) or 'mlp' (MLP / classifier)"
@@ -24,15 +24,15 @@ def build_model(staged: StagedModel, *, factory: str | None = None, truncate: bo
     config = read_config(config_path, required=factory is None)
     model: ServedModel
     if factory is not None:
-        from server.families.factory import FactoryModel
+        from warmpod.server.families.factory import FactoryModel
 
         model = FactoryModel.from_staged(staged.name, staged, config, factory)
     elif config.get("model_type") in BERT_TYPES:
-        from server.families.bert import BertEncoder
+        from warmpod.server.families.bert import BertEncoder
 
         model = BertEncoder.from_staged(staged.name, staged, config, truncate=truncate)
     elif config.get("model_type") == "mlp":
-        from server.families.mlp import MLPModel
+        from warmpod.server.families.mlp import MLPModel
 
         model = MLPModel.from_staged(staged.name, staged, config)
     else:

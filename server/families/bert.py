@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from server.errors import ModelError
-from server.families.common import split_rows
-from server.families.sentence import (
+from warmpod.server.errors import ModelError
+from warmpod.server.families.common import split_rows
+from warmpod.server.families.sentence import (
     ACTIVATIONS,
     BertConfig,
     SentenceSettings,
@@ -25,12 +25,12 @@ from server.families.sentence import (
     read_sentence_files,
     select_encoder_tensors,
 )
-from server.model import Prepared, assign_weights, build_on_meta
+from warmpod.server.model import Prepared, assign_weights, build_on_meta
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-    from loader.store import StagedModel
+    from warmpod.store import StagedModel
 
 logger = logging.getLogger(__name__)
 

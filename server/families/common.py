@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from server.errors import ModelError
-from server.model import Prepared
-from server.tensors import Tensor
+from warmpod.server.errors import ModelError
+from warmpod.server.model import Prepared
+from warmpod.server.tensors import Tensor
 
 
 def read_config(path: Path, *, required: bool = True) -> dict[str, Any]:

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from loader.store import StagedModel
-from server.errors import BadRequest, ModelError
-from server.families.common import as_arrays, same_trailing_shapes, split_rows, stack_inputs
-from server.model import Prepared, ServedModel, assign_weights, build_on_meta, check_inputs
-from server.tensors import DATATYPES, NUMPY_DTYPES, Tensor, TensorSpec
+from warmpod.server.errors import BadRequest, ModelError
+from warmpod.server.families.common import as_arrays, same_trailing_shapes, split_rows, stack_inputs
+from warmpod.server.model import Prepared, ServedModel, assign_weights, build_on_meta, check_inputs
+from warmpod.server.tensors import DATATYPES, NUMPY_DTYPES, Tensor, TensorSpec
+from warmpod.store import StagedModel
 
 DEFAULT_INPUTS = (TensorSpec("input", "FP32", (-1, -1)),)
 DEFAULT_OUTPUTS = (TensorSpec("output", "FP32", (-1, -1)),)

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from loader.store import StagedModel
-from server.families.common import stack_inputs
-from server.families.mlp_spec import MLPConfig, MLPInterface
-from server.model import Prepared, assign_weights, build_on_meta
+from warmpod.server.families.common import stack_inputs
+from warmpod.server.families.mlp_spec import MLPConfig, MLPInterface
+from warmpod.server.model import Prepared, assign_weights, build_on_meta
+from warmpod.store import StagedModel
 
 
 class MLP(nn.Module):

@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from server.errors import ModelError
-from server.families.common import as_arrays, split_rows
-from server.model import Prepared, ServedModel, check_inputs
-from server.tensors import Tensor, TensorSpec
+from warmpod.server.errors import ModelError
+from warmpod.server.families.common import as_arrays, split_rows
+from warmpod.server.model import Prepared, ServedModel, check_inputs
+from warmpod.server.tensors import Tensor, TensorSpec
 
 if TYPE_CHECKING:
-    from loader.store import StagedModel
+    from warmpod.store import StagedModel
 
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "identity")
 OUTPUT_ACTIVATIONS = (None, "softmax", "sigmoid")

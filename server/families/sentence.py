@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from server.errors import BadRequest, ModelError
-from server.families.common import read_json, read_json_object
-from server.model import Prepared, ServedModel, check_inputs
-from server.tensors import Tensor, TensorSpec
+from warmpod.server.errors import BadRequest, ModelError
+from warmpod.server.families.common import read_json, read_json_object
+from warmpod.server.model import Prepared, ServedModel, check_inputs
+from warmpod.server.tensors import Tensor, TensorSpec
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-    from loader.store import StagedModel
+    from warmpod.store import StagedModel
 
 T = TypeVar("T")
 

@@ -21,7 +21,7 @@ from bench.simcore import (
     WarmpodPolicy,
     simulate,
 )
-from server.autoscale import PolicyConfig
+from warmpod.pods.policy import PolicyConfig
 
 SERVICE = ServiceModel(a_s=0.0035, c_s=0.0062)  # the fitted MiniLM numbers, no spread: forward passes exact
 NOISY = ServiceModel(a_s=0.0035, c_s=0.0062, spread=0.06)

@@ -133,9 +133,9 @@ def container_args(container: Doc, configmaps: Mapping[str, Mapping[str, str]]) 
 
 def parse_command(args: list[str]) -> tuple[str, argparse.Namespace]:
     """Parse a container's args with warmpod's own CLI parser: ("load" | "serve" | "edge serve", namespace)."""
-    from loader.cli import build_parser as load_parser
-    from server.cli import build_parser as serve_parser
-    from wasm.cli import serve_parser as edge_parser
+    from warmpod.loader.cli import build_parser as load_parser
+    from warmpod.server.cli import build_parser as serve_parser
+    from warmpod.wasm.cli import serve_parser as edge_parser
 
     parsers: dict[tuple[str, ...], Callable[[], argparse.ArgumentParser]] = {
         ("load",): load_parser,
@@ -153,12 +153,12 @@ def http_routes(command: str, ns: argparse.Namespace) -> set[str]:
     from prometheus_client import CollectorRegistry
 
     if command == "load":
-        from loader.cli import create_app as loader_app
-        from loader.cli import parse_request
+        from warmpod.loader.cli import create_app as loader_app
+        from warmpod.loader.cli import parse_request
 
         app = loader_app(parse_request(ns), CollectorRegistry())
     else:
-        from server.app import ServerConfig, create_app
+        from warmpod.server.app import ServerConfig, create_app
 
         app = create_app(ServerConfig(model="m", store=Path("/nonexistent")), CollectorRegistry())
     return {r.resource.canonical for r in app.router.routes() if r.method == "GET" and r.resource is not None}

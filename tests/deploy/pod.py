@@ -454,7 +454,7 @@ class PodProcess:
         self.starts = 0
 
     def start(self) -> PodProcess:
-        from server.supervisor import die_with_parent  # here, not at the top: the launcher imports this module
+        from warmpod.pods.process import die_with_parent  # here, not at the top: the launcher imports this module
 
         if self.running:
             raise RuntimeError(f"{self.spec.name} is already running")

@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from server.autoscale import PolicyConfig, PolicyState, ReplicaSample, decide, pod_scale_factor
+from warmpod.pods.policy import PolicyConfig, PolicyState, ReplicaSample, decide, pod_scale_factor
 
 COMPONENTS = Path(__file__).parents[2] / "deploy" / "components"
 FILES = {

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from loader.capacity import Room, cgroup_room, check_room, filesystem_room
-from loader.errors import CapacityError
+from warmpod.loader.capacity import Room, cgroup_room, check_room, filesystem_room
+from warmpod.loader.errors import CapacityError
 
 GiB = 1 << 30
 V1_UNLIMITED = "9223372036854771712"  # what cgroup v1 reports for "no limit" on 4 KiB pages

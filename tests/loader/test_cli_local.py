@@ -12,9 +12,9 @@ import pytest
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
-from loader.store import open_model
 from tests.cliutil import error_line, events, published_nothing, result_json, run_load
 from tests.modelgen import raw_safetensors, sha256_file, tree_digests, write_model, write_model_dir
+from warmpod.store import open_model
 
 
 def test_single_file_is_published_byte_identical(tmp_path: Path) -> None:

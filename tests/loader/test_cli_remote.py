@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loader.store import open_model
 from tests.cliutil import cli_env, error_line, events, load_cmd, published_nothing, result_json, run_load
 from tests.modelgen import tree_digests, write_model, write_model_dir
 from tests.servers import FaultProxy, MotoServer, RangeHTTPServer, S3Bucket, SeaweedServer, wait_until
+from warmpod.store import open_model
 
 SECRET = "s3cr3t-never-logged-0xC0FFEE"
 

@@ -1,4 +1,4 @@
-"""Safetensors header rules: every rule `loader.header` enforces, on hand-made headers and on real files."""
+"""Safetensors header rules: every rule `warmpod.safetensors_header` enforces, on hand-made headers and real files."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from loader.errors import InvalidModel
-from loader.header import MAX_HEADER_BYTES, Header, TensorInfo, header_length, parse_header
+from warmpod.safetensors_header import MAX_HEADER_BYTES, Header, TensorInfo, header_length, parse_header
+from warmpod.store import InvalidWeights
 
 FILE = "shard-00001.safetensors"
 
@@ -33,9 +33,9 @@ def parse(entries: dict[str, Any], file_size: int | None = None) -> Header:
 
 
 def rejects(entries: dict[str, Any] | bytes, *fragments: str, file_size: int | None = None) -> str:
-    """Parse, expect InvalidModel; the message must name the file and contain every fragment."""
+    """Parse, expect InvalidWeights; the message must name the file and contain every fragment."""
     raw = entries if isinstance(entries, bytes) else encode(entries)
-    with pytest.raises(InvalidModel) as info:
+    with pytest.raises(InvalidWeights) as info:
         parse_header(raw, FILE, file_size)
     message = str(info.value)
     assert message.startswith(f"{FILE}: "), message
@@ -59,18 +59,18 @@ def test_header_length_reads_little_endian_u64() -> None:
 
 @pytest.mark.parametrize("prefix", [b"", b"\x01", b"\x00" * 7])
 def test_prefix_shorter_than_8_bytes(prefix: bytes) -> None:
-    with pytest.raises(InvalidModel, match="shorter than the 8-byte safetensors prefix") as info:
+    with pytest.raises(InvalidWeights, match="shorter than the 8-byte safetensors prefix") as info:
         header_length(prefix, FILE)
     assert FILE in str(info.value)
     assert f"file is {len(prefix)} bytes" in str(info.value)
 
 
 def test_header_length_over_the_bound() -> None:
-    with pytest.raises(InvalidModel, match="exceeds the bound") as info:
+    with pytest.raises(InvalidWeights, match="exceeds the bound") as info:
         header_length(struct.pack("<Q", MAX_HEADER_BYTES + 1), FILE)
     assert FILE in str(info.value) and str(MAX_HEADER_BYTES + 1) in str(info.value)
     # A length that would overflow a signed 64-bit read is refused the same way.
-    with pytest.raises(InvalidModel, match="exceeds the bound"):
+    with pytest.raises(InvalidWeights, match="exceeds the bound"):
         header_length(b"\xff" * 8, FILE)
 
 
@@ -80,7 +80,7 @@ def test_header_length_at_the_bound_is_accepted() -> None:
 
 @pytest.mark.parametrize("n", [0, 1])
 def test_header_length_too_small_for_a_json_object(n: int) -> None:
-    with pytest.raises(InvalidModel, match="too small to hold a JSON object"):
+    with pytest.raises(InvalidWeights, match="too small to hold a JSON object"):
         header_length(struct.pack("<Q", n), FILE)
 
 
@@ -345,7 +345,7 @@ def test_real_numpy_file_matches_safe_open(tmp_path: Path) -> None:
 
 def test_real_file_truncated_or_extended_is_refused() -> None:
     data = safetensors.torch.save({"w": torch.ones(4)})
-    with pytest.raises(InvalidModel, match="shorter than its header says"):
+    with pytest.raises(InvalidWeights, match="shorter than its header says"):
         split(data[:-1])
-    with pytest.raises(InvalidModel, match="1 bytes after the last tensor"):
+    with pytest.raises(InvalidWeights, match="1 bytes after the last tensor"):
         split(data + b"\0")

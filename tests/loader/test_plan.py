@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from loader.plan import ByteRange, RetryPolicy, human_bytes, parse_size, plan_ranges
+from warmpod.cliargs import parse_size
+from warmpod.loader.plan import ByteRange, RetryPolicy, human_bytes, plan_ranges
 
 MiB = 1 << 20
 

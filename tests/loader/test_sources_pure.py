@@ -10,7 +10,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from loader.errors import (
+from warmpod.loader.errors import (
     AccessDenied,
     InvalidModel,
     LoaderError,
@@ -18,8 +18,8 @@ from loader.errors import (
     TransientError,
     UsageError,
 )
-from loader.load import check_weight_map
-from loader.sources import (
+from warmpod.loader.load import check_weight_map
+from warmpod.loader.sources import (
     MAX_AUX_FILE_BYTES,
     SourceFile,
     classify,

@@ -16,28 +16,31 @@ import pytest
 import safetensors.torch
 import torch
 
-import loader.store as store
-from loader.errors import StoreBusy, UsageError
-from loader.header import header_length, parse_header
-from loader.store import (
+import warmpod.store as store
+from tests.procmaps import mapping_of, resident_kib
+from warmpod.loader.errors import StoreBusy, UsageError
+from warmpod.loader.publish import (
+    clean_staging,
+    find_version,
+    gc_versions,
+    point_current,
+    publish_version,
+    staging_dir,
+    writer_lock,
+)
+from warmpod.safetensors_header import header_length, parse_header
+from warmpod.store import (
     FORMAT,
+    NotPublished,
     StagedModel,
     VersionWatcher,
     check_model_name,
-    clean_staging,
     current_version,
-    find_version,
-    gc_versions,
     open_model,
-    point_current,
-    publish_version,
     read_manifest,
-    staging_dir,
     version_numbers,
     wait_ready,
-    writer_lock,
 )
-from tests.procmaps import mapping_of, resident_kib
 
 NAME = "tiny-model"
 REPO = Path(__file__).resolve().parents[2]
@@ -303,7 +306,7 @@ def test_writer_lock_excludes_another_process_and_dies_with_it(root: Path) -> No
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from loader.store import writer_lock\n"
+        "from warmpod.loader.publish import writer_lock\n"
         f"with writer_lock(Path({str(root)!r}), {NAME!r}):\n"
         "    print('held', flush=True)\n"
         "    sys.stdin.readline()\n"
@@ -413,7 +416,7 @@ def test_tensors_outlive_the_model_object(root: Path) -> None:
 
 
 def test_open_model_without_a_published_version(root: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="has no published version"):
+    with pytest.raises(NotPublished, match="has no published version"):
         open_model(root, NAME)
 
 
@@ -483,7 +486,7 @@ def test_open_model_gives_up_after_its_attempts(root: Path, monkeypatch: pytest.
         raise FileNotFoundError(vdir)
 
     monkeypatch.setattr(store, "_map_version", always_vanishing)
-    with pytest.raises(FileNotFoundError, match="kept vanishing"):
+    with pytest.raises(NotPublished, match="kept vanishing"):
         open_model(root, NAME, attempts=3)
     assert len(calls) == 3
 

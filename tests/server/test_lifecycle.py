@@ -195,7 +195,9 @@ def test_an_unreadable_store_stops_the_server_with_exit_1(tmp_path: Path) -> Non
     manifest.write_text("{not json")
     proc = run_warmpod("serve", "--model", "mlp", "--store", store, "--port", "0")
     assert proc.returncode == 1, proc.stderr
-    assert "warmpod serve: error: serving 'mlp' failed: JSONDecodeError" in proc.stderr
+    # the store's own error (CorruptVersion), naming the file and the fix, where a bare JSONDecodeError leaked before
+    assert "warmpod serve: error: " in proc.stderr and "manifest.json: the manifest is not JSON" in proc.stderr
+    assert "restage the model with `warmpod load`" in proc.stderr
 
 
 def test_cold_start_metric_is_process_age_at_ready(tmp_path: Path) -> None:

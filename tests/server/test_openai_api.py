@@ -13,8 +13,8 @@ import openai
 import pytest
 from openai.types import CreateEmbeddingResponse
 
-from server.errors import BadRequest
-from server.openai_api import (
+from warmpod.server.errors import BadRequest
+from warmpod.server.openai_api import (
     EmbeddingsRequest,
     check_dimensions,
     encode_embeddings_response,

@@ -19,13 +19,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server.autoscale import PolicyConfig
-from server.cli import METRICS_LINE
-from server.supervisor import Supervisor, UpConfig, Worker
 from tests.cliutil import cli_env, run_warmpod, warmpod_cmd
 from tests.modelgen import write_slow_dir
 from tests.servers import free_port, wait_until
 from tests.serverutil import LoadThread, LoggedProcess, MetricsPage, Scrape, http, stage
+from warmpod.pods.lines import METRICS_LINE
+from warmpod.pods.policy import PolicyConfig
+from warmpod.pods.supervisor import Supervisor, UpConfig, Worker
 
 SLOW = "tests.server.factories:slow"
 INFER = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [[1, 2, 3, 4]]}]}

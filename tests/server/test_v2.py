@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from server.errors import BadRequest
-from server.tensors import Tensor
-from server.v2 import (
+from warmpod.server.errors import BadRequest
+from warmpod.server.tensors import Tensor
+from warmpod.server.v2 import (
     RequestedOutput,
     encode_infer_response,
     error_body,

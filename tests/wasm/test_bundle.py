@@ -16,14 +16,23 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from server.errors import ModelError
-from server.families.mlp_spec import MLPConfig
 from tests.cliutil import cli_env
 from tests.modelgen import write_mlp_dir
 from tests.serverutil import stage
 from tests.wasm.edgeutil import MINILM, epoch_threads, error_line, run_edge
-from wasm.app import EdgeConfig, load_edge
-from wasm.bundle import FORMAT, from_model, graph_of, load_bundle, model_directory, quantize, write_bundle
+from warmpod.server.errors import ModelError
+from warmpod.server.families.mlp_spec import MLPConfig
+from warmpod.wasm.app import EdgeConfig, load_edge
+from warmpod.wasm.bundle import (
+    FORMAT,
+    BundleError,
+    from_model,
+    graph_of,
+    load_bundle,
+    model_directory,
+    quantize,
+    write_bundle,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -107,7 +116,7 @@ def test_compile_never_imports_torch(tmp_path: Path, cache: Path) -> None:
     """The edge runs where torch is not installed: compile (engine included) with torch made unimportable."""
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "from wasm.cli import main\n"
+        "from warmpod.wasm.cli import main\n"
         f"sys.exit(main(['compile', {str(MINILM)!r}, '-o', {str(tmp_path / 'b')!r}, '--dtype', 'fp16',"
         f" '--cache-dir', {str(cache)!r}]))"
     )
@@ -217,7 +226,7 @@ def test_bundle_with_changed_weights_is_refused(tmp_path: Path, minilm_bundle: P
     with open(bundle / "weights.safetensors", "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\x00\x00\x80\x7f")
-    with pytest.raises(ModelError, match=r"does not match the sha256 in edge\.json"):
+    with pytest.raises(BundleError, match=r"does not match the sha256 in edge\.json"):
         load_bundle(bundle)
 
 
@@ -241,7 +250,7 @@ def test_bundle_weights_are_read_once_for_the_digest_and_the_tensors(
 def test_bundle_whose_weights_do_not_match_its_graph(tmp_path: Path, minilm_bundle: Path) -> None:
     bundle = _copy(minilm_bundle, tmp_path)
     _edit_manifest(bundle, config_intermediate_size=1024)
-    with pytest.raises(ModelError, match=r"mis-shaped tensors: encoder\.layer\.0\.intermediate\.dense\.weight is "
+    with pytest.raises(BundleError, match=r"mis-shaped tensors: encoder\.layer\.0\.intermediate\.dense\.weight is "
                                          r"\[1536, 384\], the graph wants \[1024, 384\]"):  # fmt: skip
         load_bundle(bundle)
 
@@ -259,7 +268,7 @@ def test_bundle_whose_weights_do_not_match_its_graph(tmp_path: Path, minilm_bund
 def test_bundle_manifest_errors(tmp_path: Path, minilm_bundle: Path, changes: dict[str, object], message: str) -> None:
     bundle = _copy(minilm_bundle, tmp_path)
     _edit_manifest(bundle, **changes)
-    with pytest.raises(ModelError, match=message):
+    with pytest.raises(BundleError, match=message):
         load_bundle(bundle)
 
 
@@ -275,17 +284,17 @@ def test_bundle_manifest_errors(tmp_path: Path, minilm_bundle: Path, changes: di
 def test_mlp_bundle_config_errors(tmp_path: Path, changes: dict[str, object], message: str) -> None:
     bundle = write_bundle(from_model(model_directory(write_mlp_dir(tmp_path / "mlp", (4, 8, 3)))), tmp_path / "b")
     _edit_manifest(bundle, **changes)
-    with pytest.raises(ModelError, match=rf"edge bundle {re.escape(str(bundle))}: {message}"):
+    with pytest.raises(BundleError, match=rf"edge bundle {re.escape(str(bundle))}: {message}"):
         load_bundle(bundle)
 
 
 def test_bundle_without_tokenizer_or_manifest(tmp_path: Path, minilm_bundle: Path) -> None:
     bundle = _copy(minilm_bundle, tmp_path)
     (bundle / "tokenizer.json").unlink()
-    with pytest.raises(ModelError, match=r"a bert bundle needs edge\.json 'text' settings and tokenizer\.json"):
+    with pytest.raises(BundleError, match=r"a bert bundle needs edge\.json 'text' settings and tokenizer\.json"):
         load_bundle(bundle)
     (bundle / "edge.json").unlink()
-    with pytest.raises(ModelError, match=r"no edge\.json; build one with `warmpod edge compile`"):
+    with pytest.raises(BundleError, match=r"no edge\.json; build one with `warmpod edge compile`"):
         load_bundle(bundle)
 
 

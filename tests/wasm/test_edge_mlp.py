@@ -14,15 +14,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from loader.store import open_model
-from server.errors import ModelError
-from server.families import build_model
-from server.tensors import Tensor
 from tests.modelgen import write_mlp_dir
 from tests.serverutil import WarmpodServer, post_json, stage
 from tests.wasm.edgeutil import epoch_threads, error_line, run_edge
 from tests.wasm.hostile import HOG, LOOP, write_engine
-from wasm.app import EdgeConfig, load_edge
+from warmpod.server.errors import ModelError
+from warmpod.server.families import build_model
+from warmpod.server.tensors import Tensor
+from warmpod.store import open_model
+from warmpod.wasm.app import EdgeConfig, load_edge
 
 TOLERANCE = 1e-5
 LABELS = ["setosa", "versicolor", "virginica"]

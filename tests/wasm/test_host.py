@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import wasmtime
 
-from server.errors import DeadlineExceeded, ServerError
-from server.tensors import Tensor
 from tests.modelgen import mlp_reference, write_mlp_dir
 from tests.wasm.edgeutil import epoch_threads
 from tests.wasm.hostile import HOG, LOOP, write_engine
-from wasm.bundle import from_model, model_directory
-from wasm.host import ENGINE_WASM, EngineError, EnginePool, cache_key, compile_engine
-from wasm.models import EdgeMLP
+from warmpod.server.errors import DeadlineExceeded, ServerError
+from warmpod.server.tensors import Tensor
+from warmpod.wasm.bundle import from_model, model_directory
+from warmpod.wasm.host import ENGINE_WASM, EngineError, EnginePool, cache_key, compile_engine
+from warmpod.wasm.models import EdgeMLP
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from server.model import Prepared
-from server.tensors import Tensor
 from tests.modelgen import write_mlp_dir
 from tests.wasm.edgeutil import MINILM, run_edge
-from wasm.app import EdgeConfig, load_edge
+from warmpod.server.model import Prepared
+from warmpod.server.tensors import Tensor
+from warmpod.wasm.app import EdgeConfig, load_edge
 
 NODE = shutil.which("node")
 HOST = Path(__file__).parents[2] / "wasm" / "node" / "edge.mjs"

@@ -53,11 +53,13 @@ from dataclasses import dataclass, field, replace
 from string import Formatter
 from typing import TYPE_CHECKING
 
+from warmpod.errors import UsageError
+
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
 
-class PolicyError(ValueError):
+class PolicyError(UsageError):
     """Invalid policy settings; the message names the setting(s) and the rule.
 
     `template` is the message with each setting it names as a named field (`{min_replicas}`) and the values as

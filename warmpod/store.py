@@ -1,5 +1,9 @@
 """The warmpod store: immutable model versions on shared memory, published atomically, read zero-copy.
 
+The bottom floor: this module is the format, its names and its reader (`open_model`, `StagedModel`,
+`VersionWatcher`). The loader's writer (`warmpod.loader.publish`), the server and the edge import it; it imports
+nothing of theirs. Readers get the store's own errors (`StoreError` and below), never bare built-ins.
+
 FORMAT (warmpod-store/1)
 ========================
 
@@ -17,7 +21,7 @@ Rules:
 2. A version directory MUST be complete before it appears under versions/: the loader builds it in staging/, writes
    manifest.json last, and renames the directory into versions/ (rename is atomic on one filesystem).
 3. Published files MUST NOT change: they are mode 0444 and nobody writes them. Every *.safetensors file MUST pass
-   the safetensors header rules (see loader.header) and be byte-identical to its source.
+   the safetensors header rules (see warmpod.safetensors_header) and be byte-identical to its source.
 4. `current` MUST only be replaced by renaming a fresh symlink over it, and only to a complete version.
 5. manifest.json is a JSON object with: "format" ("warmpod-store/1"), "model", "version", "source" ({"uri": with
    credentials removed, "identity": per-file identity (size, ETag/mtime/...), "digest": sha256 of that identity}),
@@ -33,22 +37,19 @@ Rules:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import json
 import mmap
 import os
 import re
-import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from loader.errors import StoreBusy, UsageError
+from warmpod.errors import UsageError, WarmpodError
 
 if TYPE_CHECKING:
     import torch
@@ -60,6 +61,32 @@ CURRENT = "current"
 VERSIONS = "versions"
 STAGING = "staging"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class StoreError(WarmpodError):
+    """The store cannot give what was asked: the base of the store's errors."""
+
+
+class NotPublished(StoreError):
+    """The model has no published version (yet: a reader may wait for the loader)."""
+
+    exit_code = 3
+    kind = "not_published"
+
+
+class CorruptVersion(StoreError):
+    """A published version that breaks the format: an unreadable manifest, a dtype this reader cannot map. The store
+    is damaged, not the model: a server stops with exit 1 (as on any unexpected failure), and restaging fixes it."""
+
+    exit_code = 1
+    kind = "invalid"
+
+
+class InvalidWeights(StoreError):
+    """A file breaks the safetensors header rules (warmpod.safetensors_header), so it may not enter the store."""
+
+    exit_code = 5
+    kind = "invalid"
 
 
 def check_model_name(name: str) -> str:
@@ -79,25 +106,6 @@ def version_dir(root: Path, name: str, version: str) -> Path:
     return model_dir(root, name) / VERSIONS / version
 
 
-# ---------------------------------------------------------------- writer side (the loader)
-
-
-@contextlib.contextmanager
-def writer_lock(root: Path, name: str) -> Iterator[None]:
-    """Hold the model's single-writer lock; a second loader for the same model fails at once."""
-    mdir = model_dir(root, name)
-    mdir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(mdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreBusy(f"another loader is writing model {name!r} in {root} (lock {mdir / '.lock'})") from None
-        yield
-    finally:
-        os.close(fd)
-
-
 def version_numbers(root: Path, name: str) -> list[int]:
     vdir = model_dir(root, name) / VERSIONS
     if not vdir.is_dir():
@@ -115,92 +123,20 @@ def current_version(root: Path, name: str) -> str | None:
 
 
 def read_manifest(root: Path, name: str, version: str) -> dict[str, Any]:
-    with open(version_dir(root, name, version) / MANIFEST, encoding="utf-8") as f:
-        data: dict[str, Any] = json.load(f)
-    return data
+    """A published version's manifest. FileNotFoundError if the version is gone; CorruptVersion if unreadable."""
+    path = version_dir(root, name, version) / MANIFEST
+    with open(path, encoding="utf-8") as f:
+        return _manifest_from(f.read(), path)
 
 
-def find_version(root: Path, name: str, digest: str) -> str | None:
-    """The newest published version staged from a source with this identity digest."""
-    for n in reversed(version_numbers(root, name)):
-        try:
-            if read_manifest(root, name, str(n))["source"]["digest"] == digest:
-                return str(n)
-        except (OSError, ValueError, KeyError):
-            continue
-    return None
-
-
-def staging_dir(root: Path, name: str, digest: str) -> Path:
-    """Where a load of the source with this identity digest builds its version."""
-    return model_dir(root, name) / STAGING / digest[:32]
-
-
-def clean_staging(root: Path, name: str, keep: Path | None = None) -> list[Path]:
-    """Delete staging leftovers except `keep` (a same-identity load that can be resumed). Returns what was removed."""
-    sdir = model_dir(root, name) / STAGING
-    removed = []
-    if sdir.is_dir():
-        for p in sdir.iterdir():
-            if keep is None or p != keep:
-                _remove(p)
-                removed.append(p)
-    return removed
-
-
-def publish_version(root: Path, name: str, staged: Path, manifest: dict[str, Any]) -> str:
-    """Turn a complete, validated staging directory into the next version and point `current` at it."""
-    mdir = model_dir(root, name)
-    numbers = version_numbers(root, name)
-    version = str((numbers[-1] if numbers else 0) + 1)
-    manifest = {**manifest, "format": FORMAT, "model": name, "version": version}
-    for path in staged.rglob("*"):
-        if path.is_file():
-            path.chmod(0o444)
-    tmp = staged / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
-    tmp.chmod(0o444)
-    tmp.rename(staged / MANIFEST)
-    (mdir / VERSIONS).mkdir(exist_ok=True)
-    staged.rename(version_dir(root, name, version))
-    point_current(root, name, version)
-    return version
-
-
-def point_current(root: Path, name: str, version: str) -> None:
-    mdir = model_dir(root, name)
-    tmp = mdir / f".{CURRENT}.{os.getpid()}"
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    tmp.symlink_to(f"{VERSIONS}/{version}")
-    tmp.rename(mdir / CURRENT)
-    _fsync_dir(mdir)
-
-
-def gc_versions(root: Path, name: str, keep: int) -> list[str]:
-    """Remove all but the newest `keep` versions (never `current`). Returns the removed versions."""
-    cur = current_version(root, name)
-    numbers = version_numbers(root, name)
-    doomed = [str(n) for n in numbers[: max(0, len(numbers) - keep)] if str(n) != cur]
-    for v in doomed:
-        _remove(version_dir(root, name, v))
-    return doomed
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _manifest_from(text: str, path: Path) -> dict[str, Any]:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        data = json.loads(text)
+    except ValueError as e:
+        raise CorruptVersion(f"{path}: the manifest is not JSON ({e}): restage the model with `warmpod load`") from None
+    if not isinstance(data, dict):
+        raise CorruptVersion(f"{path}: the manifest must be a JSON object (store FORMAT rule 5)")
+    return data
 
 
 # ---------------------------------------------------------------- reader side (server, edge)
@@ -286,7 +222,7 @@ class StagedModel:
         t = self.manifest["tensors"][name]
         dtype_name = _TORCH_DTYPES.get(t["dtype"])
         if dtype_name is None or not hasattr(torch, dtype_name):
-            raise TypeError(f"tensor {name!r}: dtype {t['dtype']} has no torch equivalent here")
+            raise CorruptVersion(f"tensor {name!r}: dtype {t['dtype']} has no torch equivalent in this torch")
         dtype = getattr(torch, dtype_name)
         begin, end = t["offsets"]
         count = (end - begin) // dtype.itemsize
@@ -324,23 +260,23 @@ def _madvise() -> Callable[[int, int, int], int]:
 
 
 def open_model(root: Path, name: str, attempts: int = 5) -> StagedModel:
-    """Map the current version of `name`. Raises FileNotFoundError when nothing is published."""
+    """Map the current version of `name`. NotPublished when nothing is published; CorruptVersion when it is broken."""
     last: OSError | None = None
     for _ in range(attempts):
         version = current_version(root, name)
         if version is None:
-            raise FileNotFoundError(f"model {name!r} has no published version in {root}")
+            raise NotPublished(f"model {name!r} has no published version in {root}")
         vdir = version_dir(root, name, version)
         try:
             return _map_version(name, version, vdir)
         except FileNotFoundError as e:  # garbage-collected between readlink and open: follow `current` again
             last = e
-    raise FileNotFoundError(f"model {name!r}: version kept vanishing while opening ({last})")
+    raise NotPublished(f"model {name!r}: its current version kept vanishing while opening ({last})")
 
 
 def _map_version(name: str, version: str, vdir: Path) -> StagedModel:
     with open(vdir / MANIFEST, encoding="utf-8") as f:
-        manifest = json.load(f)
+        manifest = _manifest_from(f.read(), vdir / MANIFEST)
     maps: dict[str, mmap.mmap] = {}
     for entry in manifest["files"]:
         if entry["kind"] != "safetensors" or entry["size"] == 0:
@@ -364,7 +300,7 @@ def wait_ready(
     while True:
         try:
             return open_model(root, name)
-        except FileNotFoundError:
+        except NotPublished:
             if clock() >= deadline:
                 raise TimeoutError(f"model {name!r} was not published in {root} within {timeout:g} s") from None
             sleep(interval)

@@ -1,5 +1,5 @@
 """`warmpod up`'s supervisor: the loader and `warmpod serve` workers as child processes sharing one port, scaled by
-the autoscaling policy (`server.autoscale`) from each worker's own /metrics, with a status line and a /status page.
+the autoscaling policy (`warmpod.pods.policy`) from each worker's own /metrics, with a status line and a /status page.
 
 The decisions are the policy's; this module observes (scrapes every ready worker's private metrics port), acts
 (starts workers, drains the newest on scale-down, replaces workers that die) and reports. Workers that are still
@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import signal
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -25,8 +23,8 @@ from typing import Any, Literal, Protocol
 import aiohttp
 from aiohttp import web
 
-from loader.store import current_version
-from server.autoscale import (
+from warmpod.pods.lines import LISTENING_LINE, METRICS_LINE
+from warmpod.pods.policy import (
     Decision,
     PolicyConfig,
     PolicyState,
@@ -36,7 +34,8 @@ from server.autoscale import (
     parse_snapshot,
     supervise,
 )
-from server.cli import LISTENING_LINE, METRICS_LINE
+from warmpod.pods.process import die_with_parent, reserve_port
+from warmpod.store import current_version
 
 log = logging.getLogger("warmpod.up")
 
@@ -65,12 +64,17 @@ class UpConfig:
     drain_grace_s: float = 25.0  # the workers' --drain-grace: how long stopping waits for them
     python: str = sys.executable
 
+    def warmpod(self) -> list[str]:
+        """`warmpod` as this interpreter runs it; -P: the user's working directory is not put on sys.path, so a
+        `warmpod.py` (or `server.py`, ...) there cannot shadow the package in the children."""
+        return [self.python, "-P", "-m", "warmpod"]
+
     def loader_command(self) -> list[str]:
-        cmd = [self.python, "-m", "warmpod", "load", self.source, "--model", self.model, "--store", str(self.store)]
+        cmd = [*self.warmpod(), "load", self.source, "--model", self.model, "--store", str(self.store)]
         return cmd + (["--watch", f"{self.watch_s:g}"] if self.watch_s is not None else [])
 
     def worker_command(self, port: int) -> list[str]:
-        return [self.python, "-m", "warmpod", "serve", *self.own_serve_args(port), *self.serve_args]
+        return [*self.warmpod(), "serve", *self.own_serve_args(port), *self.serve_args]
 
     def own_serve_args(self, port: int) -> list[str]:
         """The `warmpod serve` arguments `warmpod up` sets on every worker (the user's `serve_args` may not)."""
@@ -430,35 +434,3 @@ def create_status_app(supervisor: Supervisor) -> web.Application:
     app[SUPERVISOR] = supervisor
     app.router.add_get("/status", status)
     return app
-
-
-def reserve_port(host: str, port: int) -> list[socket.socket]:
-    """Bind (without listening) the shared port with SO_REUSEPORT for as long as `warmpod up` runs: it fails at once
-    when another program has the port, port 0 picks one, and nobody else takes it while no worker listens."""
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                                  flags=socket.AI_PASSIVE):  # fmt: skip
-            s = socket.socket(family, kind, proto)
-            sockets.append(s)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            s.bind((address[0], port or (sockets[0].getsockname()[1] if len(sockets) > 1 else 0), *address[2:]))
-    except OSError:
-        for s in sockets:
-            s.close()
-        raise
-    return sockets
-
-
-_PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # loaded before any fork
-
-
-def die_with_parent() -> None:
-    """`preexec_fn` for children: in the child before exec, have the kernel SIGTERM it when the parent dies, even by
-    SIGKILL, when no cleanup of the parent can run (Linux PR_SET_PDEATHSIG; elsewhere nothing)."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

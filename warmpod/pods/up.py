@@ -1,5 +1,6 @@
 """`warmpod up`: stage a model with the loader, serve it with `warmpod serve` workers sharing one port, and scale
-them on a latency SLO (the policy in `server.autoscale`, applied by `server.supervisor`). Ctrl-C drains and stops all.
+them on a latency SLO (the policy in `warmpod.pods.policy`, applied by `warmpod.pods.supervisor`). Ctrl-C drains and
+stops all.
 
 Exit codes: 0 stopped by Ctrl-C/SIGTERM; 2 usage (bad flags, invalid policy settings, the port taken); otherwise the
 code of the loader, or of a worker that could not start (see `warmpod load` and `warmpod serve`).
@@ -17,13 +18,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loader.store import DEFAULT_ROOT
-from server.autoscale import PolicyConfig, PolicyError
-from server.cli import build_parser as serve_parser
-from server.cli import positive, quantile
+from warmpod.cliargs import positive, quantile
+from warmpod.errors import UsageError
+from warmpod.pods.policy import PolicyConfig, PolicyError
+from warmpod.server.cli import build_parser as serve_parser
+from warmpod.store import DEFAULT_ROOT
 
 if TYPE_CHECKING:
-    from server.supervisor import UpConfig
+    from warmpod.pods.supervisor import UpConfig
 
 # The policy's setting → this command's flag, so its messages name what the user typed (PolicyError.render).
 FLAGS = {
@@ -34,10 +36,6 @@ FLAGS = {
     "panic_window_s": "--panic-window",
     "scale_down_window_s": "--scale-down-window",
 }
-
-
-class UsageError(ValueError):
-    """Bad flags; the message names the flag and what to do."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,9 +136,8 @@ def config_from_args(args: argparse.Namespace, serve_args: Sequence[str]) -> UpC
     for name, port in (("--port", args.port), ("--status-port", args.status_port)):
         if not 0 <= port <= 65535:
             raise UsageError(f"{name} must be a port number (0 to 65535), got {port}")
-    from loader.errors import LoaderError
-    from loader.store import check_model_name
-    from server.supervisor import UpConfig
+    from warmpod.pods.supervisor import UpConfig
+    from warmpod.store import check_model_name
 
     config = UpConfig(
         source=args.source,
@@ -157,10 +154,7 @@ def config_from_args(args: argparse.Namespace, serve_args: Sequence[str]) -> UpC
     for arg in serve_args:
         if arg.split("=", 1)[0] in own:
             raise UsageError(f"{arg.split('=', 1)[0]} is set by warmpod up: give it before --, to warmpod up itself")
-    try:
-        check_model_name(args.model)
-    except LoaderError as e:
-        raise UsageError(str(e)) from None
+    check_model_name(args.model)
     # No abbreviations: the worker would read `--po 9000` as `--port 9000`, overriding the port warmpod up sets.
     parser = serve_parser(allow_abbrev=False)
     parser.prog, parser.usage = "warmpod up", "warmpod up SOURCE --model NAME [options] -- [warmpod serve options]"
@@ -178,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"warmpod up: error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from server.supervisor import Supervisor
+    from warmpod.pods.supervisor import Supervisor
 
     try:
         return asyncio.run(Supervisor(config).run())

@@ -1,6 +1,7 @@
-"""Safetensors header parsing and validation: bytes in, a `Header` out, or an `InvalidModel` naming the rule broken.
+"""Safetensors header parsing and validation: bytes in, a `Header` out, or an `InvalidWeights` naming the rule broken.
 
-Pure functions, no I/O: the loader validates a file's header from its first bytes before streaming any data.
+Part of the store's format (rule 3). Pure functions, no I/O: the loader validates a file's header from its first
+bytes before streaming any data; the edge checks the files it compiles with it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from loader.errors import InvalidModel
+from warmpod.store import InvalidWeights
 
 # The safetensors reference implementation refuses headers over 100 MB; so do we.
 MAX_HEADER_BYTES = 100_000_000
@@ -78,12 +79,12 @@ class Header:
 def header_length(prefix: bytes, file: str) -> int:
     """The header length stored in a file's first 8 bytes (little-endian u64), checked against the bound."""
     if len(prefix) < PREFIX_BYTES:
-        raise InvalidModel(f"{file}: file is {len(prefix)} bytes, shorter than the 8-byte safetensors prefix")
+        raise InvalidWeights(f"{file}: file is {len(prefix)} bytes, shorter than the 8-byte safetensors prefix")
     (n,) = struct.unpack("<Q", prefix[:PREFIX_BYTES])
     if n > MAX_HEADER_BYTES:
-        raise InvalidModel(f"{file}: header length {n} exceeds the bound of {MAX_HEADER_BYTES} bytes")
+        raise InvalidWeights(f"{file}: header length {n} exceeds the bound of {MAX_HEADER_BYTES} bytes")
     if n < 2:
-        raise InvalidModel(f"{file}: header length {n} is too small to hold a JSON object")
+        raise InvalidWeights(f"{file}: header length {n} is too small to hold a JSON object")
     return int(n)
 
 
@@ -95,13 +96,13 @@ def parse_header(header_bytes: bytes, file: str, file_size: int | None = None) -
     try:
         text = header_bytes.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InvalidModel(f"{file}: header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        raise InvalidWeights(f"{file}: header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
     if not text.startswith("{"):
-        raise InvalidModel(f"{file}: header is not JSON: it must start with '{{'")
+        raise InvalidWeights(f"{file}: header is not JSON: it must start with '{{'")
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
-        raise InvalidModel(f"{file}: header is not JSON: {e.msg} at position {e.pos}") from None
+        raise InvalidWeights(f"{file}: header is not JSON: {e.msg} at position {e.pos}") from None
 
     metadata = _metadata(raw.pop("__metadata__", {}), file)
     tensors = sorted((_tensor(name, spec, file) for name, spec in raw.items()), key=lambda t: (t.begin, t.end))
@@ -109,10 +110,10 @@ def parse_header(header_bytes: bytes, file: str, file_size: int | None = None) -
     header = Header(header_len=len(header_bytes), tensors=tuple(tensors), metadata=metadata)
     if file_size is not None and file_size != header.file_size:
         if file_size < header.file_size:
-            raise InvalidModel(
+            raise InvalidWeights(
                 f"{file}: file is shorter than its header says: {file_size} bytes, header needs {header.file_size}"
             )
-        raise InvalidModel(
+        raise InvalidWeights(
             f"{file}: file has {file_size - header.file_size} bytes after the last tensor "
             f"(header says {header.file_size} bytes): data length does not match"
         )
@@ -121,19 +122,19 @@ def parse_header(header_bytes: bytes, file: str, file_size: int | None = None) -
 
 def _metadata(value: Any, file: str) -> dict[str, str]:
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise InvalidModel(f"{file}: __metadata__ must be a JSON object of strings to strings")
+        raise InvalidWeights(f"{file}: __metadata__ must be a JSON object of strings to strings")
     return dict(value)
 
 
 def _tensor(name: str, spec: Any, file: str) -> TensorInfo:
     if not isinstance(spec, dict):
-        raise InvalidModel(f"{file}: tensor {name!r}: entry must be an object with dtype, shape, data_offsets")
+        raise InvalidWeights(f"{file}: tensor {name!r}: entry must be an object with dtype, shape, data_offsets")
     dtype = spec.get("dtype")
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-        raise InvalidModel(f"{file}: tensor {name!r}: unknown dtype {dtype!r}")
+        raise InvalidWeights(f"{file}: tensor {name!r}: unknown dtype {dtype!r}")
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise InvalidModel(f"{file}: tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+        raise InvalidWeights(f"{file}: tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
     offsets = spec.get("data_offsets")
     if (
         not isinstance(offsets, list)
@@ -141,16 +142,16 @@ def _tensor(name: str, spec: Any, file: str) -> TensorInfo:
         or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise InvalidModel(f"{file}: tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end")
+        raise InvalidWeights(f"{file}: tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end")
     extra = set(spec) - {"dtype", "shape", "data_offsets"}
     if extra:
-        raise InvalidModel(f"{file}: tensor {name!r}: unexpected fields {sorted(extra)}")
+        raise InvalidWeights(f"{file}: tensor {name!r}: unexpected fields {sorted(extra)}")
     bits = math.prod(shape) * DTYPE_BITS[dtype]
     if bits % 8:
-        raise InvalidModel(f"{file}: tensor {name!r}: {dtype} shape {shape} does not fill whole bytes")
+        raise InvalidWeights(f"{file}: tensor {name!r}: {dtype} shape {shape} does not fill whole bytes")
     begin, end = offsets
     if end - begin != bits // 8:
-        raise InvalidModel(
+        raise InvalidWeights(
             f"{file}: tensor {name!r}: data_offsets span {end - begin} bytes but {dtype} {shape} needs {bits // 8}"
         )
     return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
@@ -162,12 +163,14 @@ def _check_layout(tensors: list[TensorInfo], file: str) -> None:
     previous: TensorInfo | None = None
     for t in tensors:
         if t.begin < cursor and previous is not None:
-            raise InvalidModel(
+            raise InvalidWeights(
                 f"{file}: offsets overlap: {previous.name!r} [{previous.begin}, {previous.end}) "
                 f"and {t.name!r} [{t.begin}, {t.end})"
             )
         if t.begin > cursor:
             where = f"after {previous.name!r}" if previous else "at the start of the data"
-            raise InvalidModel(f"{file}: offsets leave a hole of {t.begin - cursor} bytes {where} (before {t.name!r})")
+            raise InvalidWeights(
+                f"{file}: offsets leave a hole of {t.begin - cursor} bytes {where} (before {t.name!r})"
+            )
         cursor = t.end
         previous = t

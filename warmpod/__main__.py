@@ -1,0 +1,7 @@
+"""`python -m warmpod`: the same as the `warmpod` command."""
+
+import sys
+
+from warmpod.cli import main
+
+sys.exit(main())
