@@ -4,6 +4,7 @@ and the server and the edge take nothing from the loader but the store."""
 from __future__ import annotations
 
 import ast
+
 import pytest
 
 from tests.cliutil import REPO
