@@ -14,8 +14,10 @@ from warmpod.pods.policy import (
     PolicyError,
     PolicyState,
     ReplicaSample,
+    above_top_bucket,
     capacity_at_slo,
     decide,
+    format_latency,
     histogram_quantile,
     latency_quantile,
     observe_replica,
@@ -25,6 +27,8 @@ from warmpod.pods.policy import (
     snapshot_from_families,
     supervise,
 )
+
+pytestmark = pytest.mark.unit
 
 CONFIG = PolicyConfig(slo_quantile=0.95, slo_target_s=0.1, min_replicas=1, max_replicas=10)
 FAST = ((0.01, 0.0), (0.025, 50.0), (0.05, 100.0), (float("inf"), 100.0))  # p95 ≈ 48 ms
@@ -76,6 +80,24 @@ def test_histogram_quantile_interpolates_like_prometheus() -> None:
     assert histogram_quantile(0.95, ()) is None
 
 
+def test_a_quantile_beyond_the_top_finite_bucket_is_only_known_to_be_above_it() -> None:
+    """A 30 s request against the server's 10 s top bucket: the quantile is "> 10 s", not "10000 ms"."""
+    assert not above_top_bucket(0.95, FAST) and above_top_bucket(0.95, SLOW) and not above_top_bucket(0.95, ())
+    assert above_top_bucket(0.5, ((1.0, 0.0), (math.inf, 3.0)))
+    page = MetricsPage("m", workers=1).serve(20, 30.0, batches=20, batch_s=30.0)
+    buckets = parse_snapshot(page.text(), at=0.0).latency_buckets
+    assert buckets[-2] == (10.0, 0.0) and histogram_quantile(0.95, buckets) == 10.0  # the top bound, a lower bound
+    assert above_top_bucket(0.95, buckets)
+    assert format_latency(10.0, above_top_bucket=True) == "> 10 s"
+    assert format_latency(0.0483) == "48 ms"
+    d = decide([replica("w1", 1, 0.01, buckets)], 1, PolicyState(), 0.0, CONFIG)
+    assert d.observed_quantile_s == 10.0 and d.observed_above_top_bucket and d.replicas == 2
+    assert d.reason == "panic: p95 > 10 s, over the 100 ms target"
+    late = ((0.05, 0.0), (0.1, 10.0), (0.25, 100.0), (math.inf, 100.0))  # p95 = 0.1 + 0.15 x 85/90 s, within
+    within = decide([replica("w1", 20, 0.2, late)], 1, PolicyState(), 0.0, CONFIG)
+    assert not within.observed_above_top_bucket and within.reason == "panic: p95 242 ms, over the 100 ms target"
+
+
 def test_capacity_at_the_slo_follows_the_queueing_formula() -> None:
     sample = replica("a", rate=50, busy=0.5)  # saturation 100 rps, forward pass 10 ms
     capacity = capacity_at_slo(sample, CONFIG)
@@ -120,6 +142,32 @@ def test_scale_down_waits_for_the_stabilization_window() -> None:
     assert first_down >= 50 + CONFIG.scale_down_window_s  # the last 4-replica recommendation holds for 300 s
     assert decisions[-1][1] == 1
     assert all(b >= a // 2 for (_, a), (_, b) in itertools.pairwise(decisions))  # at most halved per tick
+
+
+def test_a_need_above_max_replicas_says_it_was_clipped() -> None:
+    """A burst needing more replicas than max_replicas allows: the reason says both numbers, and names the setting
+    as the caller does (`warmpod up`: its flag)."""
+    # 50 ms forward passes, always busy, latency within the target: ~23 rps per replica at the SLO, 100 rps → 5.
+    burst = ReplicaSample("a", rate_rps=100, busy=1.0, service_s=0.05, latency_buckets=FAST)
+    config = PolicyConfig(max_replicas=2)
+    d = decide([burst], 1, PolicyState(), 0.0, config)
+    need = math.ceil(100 / d.capacity_rps)  # type: ignore[operator]
+    assert need > 2 and d.panicking and d.replicas == 2
+    assert d.reason == f"panic: burst needs {need}, clipped to max_replicas 2"
+    flagged = decide([burst], 1, PolicyState(), 0.0, config, {"max_replicas": "--max-replicas"})
+    assert flagged.reason == f"panic: burst needs {need}, clipped to --max-replicas 2"
+    ticked = supervise([burst], 1, [], PolicyState(), 0.0, config, {"max_replicas": "--max-replicas"})
+    assert ticked.replicas == 2 and ticked.reason == flagged.reason
+    # Not panicking (the need is under twice the current count): the stable need, clipped, says how many it was.
+    stable = decide([burst], 3, PolicyState(), 0.0, PolicyConfig(max_replicas=3))
+    assert not stable.panicking and stable.replicas == 3
+    assert stable.reason.endswith(f" rps per replica; needs {need}, clipped to max_replicas 3"), stable.reason
+    # Breaking the SLO at the limit: the reaction's need, clipped.
+    late = decide([replica("a", 20, 0.2, SLOW)], 2, PolicyState(), 0.0, PolicyConfig(max_replicas=2))
+    assert late.replicas == 2 and late.reason == "panic: p95 > 0.25 s, over the 100 ms target; needs 4, clipped to " \
+        "max_replicas 2"  # fmt: skip
+    within = decide([burst], 1, PolicyState(), 0.0, PolicyConfig(max_replicas=10))
+    assert within.replicas == need and "clipped" not in within.reason
 
 
 def test_unknown_replica_blocks_scale_down_and_counts_as_loaded() -> None:

@@ -34,9 +34,12 @@ capacity lets the policy scale *before* the SLO breaks; `react` covers a capacit
 Then, as Kubernetes' HPA does: changes within +/-10% of the current count are ignored (tolerance); scale-down takes
 the highest recommendation of the last 300 s (stabilization window); steps are limited (up to x1000 per tick as
 KPA's max-scale-up-rate, down to /2 per tick as KPA's max-scale-down-rate); the result is clamped to
-[min_replicas, max_replicas]. A replica whose metrics could not be read is unknown: the policy never scales down
-on missing data (desired >= current while any replica is unknown). With `scale_to_zero`, no demand for the whole
-stable window plus `scale_to_zero_grace_s` (KPA: 30 s) gives 0; any demand at zero gives 1.
+[min_replicas, max_replicas], and a need above max_replicas says so in the reason ("burst needs 7, clipped to
+max_replicas 2"). The observed quantile comes from the replicas' latency histograms; when it lies beyond the top
+finite bucket, all the histogram tells is "above that bound": the decision says so (`observed_above_top_bucket`)
+instead of passing the bound off as the quantile. A replica whose metrics could not be read is unknown: the policy
+never scales down on missing data (desired >= current while any replica is unknown). With `scale_to_zero`, no demand
+for the whole stable window plus `scale_to_zero_grace_s` (KPA: 30 s) gives 0; any demand at zero gives 1.
 
 Defaults compared: HPA — target 70% CPU, tolerance 0.1, scale-down stabilization 300 s, scale-up 100% or 4 pods
 per 15 s; KPA — stable window 60 s, panic window 10% of it (6 s), panic threshold 200%, max scale-up rate 1000,
@@ -151,9 +154,16 @@ class Decision:
     reason: str
     demand_rps: float
     capacity_rps: float | None
-    observed_quantile_s: float | None
+    observed_quantile_s: float | None  # with observed_above_top_bucket: the top finite bound, a lower bound only
     panicking: bool = False
     unknown: tuple[str, ...] = field(default=())
+    observed_above_top_bucket: bool = False  # the quantile lies in the +Inf bucket: above observed_quantile_s
+
+
+def format_latency(seconds: float, above_top_bucket: bool = False) -> str:
+    """A quantile for people: "48 ms", or "> 10 s" when it lies beyond the histogram's top finite bucket (`seconds`
+    is then that bound: the histogram cannot say how far above it)."""
+    return f"> {seconds:g} s" if above_top_bucket else f"{seconds * 1e3:.0f} ms"
 
 
 def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
@@ -171,6 +181,14 @@ def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> floa
             return lower_bound + (bound - lower_bound) * ((rank - lower_count) / width if width > 0 else 1.0)
         lower_bound, lower_count = bound, count
     return lower_bound
+
+
+def above_top_bucket(q: float, buckets: Sequence[tuple[float, float]]) -> bool:
+    """Whether the q-quantile lies in the +Inf bucket, where `histogram_quantile` can only give the top finite bound."""
+    if not buckets or buckets[-1][1] <= 0:
+        return False
+    finite = [count for bound, count in buckets if not math.isinf(bound)]
+    return not finite or finite[-1] < q * buckets[-1][1]
 
 
 def merge_buckets(samples: Sequence[ReplicaSample]) -> tuple[tuple[float, float], ...]:
@@ -210,9 +228,16 @@ def _window_mean(points: Sequence[tuple[float, float]], since: float) -> float:
 
 
 def decide(
-    samples: Sequence[ReplicaSample], current: int, state: PolicyState, now: float, config: PolicyConfig
+    samples: Sequence[ReplicaSample],
+    current: int,
+    state: PolicyState,
+    now: float,
+    config: PolicyConfig,
+    names: Mapping[str, str] | None = None,
 ) -> Decision:
-    """The desired replica count for this tick, and the state to pass to the next one."""
+    """The desired replica count for this tick, and the state to pass to the next one. `names` calls a setting in
+    the reason as the caller does (`warmpod up` passes its flags: "clipped to --max-replicas 2"), as
+    `PolicyError.render` does."""
     known = [s for s in samples if s.ok]
     unknown = tuple(s.name for s in samples if not s.ok)
     demand = sum(s.rate_rps for s in known)
@@ -220,7 +245,9 @@ def decide(
         demand *= len(samples) / len(known)
     capacities = [c for s in known if (c := capacity_at_slo(s, config)) is not None]
     capacity = statistics.median(capacities) if capacities else state.capacity_rps
-    observed = histogram_quantile(config.slo_quantile, merge_buckets(known))
+    latency = merge_buckets(known)
+    observed = histogram_quantile(config.slo_quantile, latency)
+    above = above_top_bucket(config.slo_quantile, latency)
 
     history = (*((t, d) for t, d in state.demand if t > now - config.stable_window_s), (now, demand))
     stable = _window_mean(history, now - config.stable_window_s)
@@ -240,7 +267,8 @@ def decide(
             react = max(current + 1, math.ceil(current * min((observed or 0) / config.slo_target_s, 2.0))) \
                 if breached else current  # fmt: skip
             desired = max(current, need_panic, react)
-            quantile = f"p{config.slo_quantile * 100:g} {(observed or 0) * 1e3:.0f} ms > target"
+            quantile = (f"p{config.slo_quantile * 100:g} {format_latency(observed or 0, above)}, over the "
+                        f"{config.slo_target_s * 1e3:g} ms target")  # fmt: skip
             reason = "panic: " + (quantile if breached else f"burst needs {need_panic}")
         elif capacity:
             desired = math.ceil(stable / capacity) if stable > 0 else config.min_replicas
@@ -268,11 +296,16 @@ def decide(
         desired = min(desired, math.ceil(current * config.max_scale_up_rate))
         desired = max(desired, math.floor(current / config.max_scale_down_rate) if desired > 0 else 0)
     floor = 0 if config.scale_to_zero and desired == 0 else config.min_replicas
-    desired = min(max(desired, floor), config.max_replicas)
+    desired = max(desired, floor)
+    if desired > config.max_replicas:  # say so: "needs 7" alone reads as if 7 were coming
+        needs, limit = f"needs {desired}", f"clipped to {(names or {}).get('max_replicas', 'max_replicas')}"
+        reason += f", {limit} {config.max_replicas}" if reason.endswith(needs) else \
+            f"; {needs}, {limit} {config.max_replicas}"  # fmt: skip
+        desired = config.max_replicas
 
     new_state = replace(state, demand=history, recommendations=recommendations, panic_until=panic_until,
                         capacity_rps=capacity, idle_since=idle_since)  # fmt: skip
-    return Decision(desired, new_state, reason, demand, capacity, observed, panicking, unknown)
+    return Decision(desired, new_state, reason, demand, capacity, observed, panicking, unknown, above)
 
 
 # ------------------------------------------------------------------------------- observations from /metrics
@@ -295,13 +328,17 @@ class Snapshot:
 
 def parse_snapshot(text: str, at: float) -> Snapshot:
     """Read a replica's /metrics exposition; ValueError when it is not a warmpod server's metrics."""
+    return snapshot_from_families(parse_families(text), at)
+
+
+def parse_families(text: str) -> list[Metric]:
+    """A /metrics exposition's metric families (prometheus_client's parser); ValueError when it is not one."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        families = list(text_string_to_metric_families(text))
+        return list(text_string_to_metric_families(text))
     except Exception as e:  # the parser raises ValueError, and others on some malformed input
         raise ValueError(f"not a Prometheus exposition: {e}") from None
-    return snapshot_from_families(families, at)
 
 
 def snapshot_from_families(families: Iterable[Metric], at: float) -> Snapshot:
@@ -385,15 +422,16 @@ def supervise(
     state: PolicyState,
     now: float,
     config: PolicyConfig,
+    names: Mapping[str, str] | None = None,
 ) -> Tick:
     """`decide` as a supervisor applies it (`warmpod up`'s, and the simulator's in bench/): the replicas are the
     `ready` ones plus the `starting` ones (named); no sample yet (every ready replica had only its baseline scrape)
     means no decision; a scale-up waits while a replica is still starting, so a slow start is not answered by
-    starting more."""
+    starting more. `names`: as `decide`'s."""
     if not samples:
         return Tick(None, "first scrape of a ready worker" if ready else "waiting for a ready worker", state)
     current = ready + len(starting)
-    decision = decide(samples, current, state, now, config)
+    decision = decide(samples, current, state, now, config, names)
     desired, reason = decision.replicas, decision.reason
     if desired > current and starting:
         desired = current
