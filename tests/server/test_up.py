@@ -1,6 +1,8 @@
-"""`warmpod up`: invalid settings refused before anything starts; the supervisor scaling real workers 1 → 2 → 1 on
-the latency SLO under a real load with zero failed requests; unreadable metrics → unknown (logged once), never a
-scale-down; and the serving flag it relies on (`--metrics-port` with `--reuse-port`: join when ready, leave first)."""
+"""`warmpod up`: invalid settings and a missing source refused before anything starts; the supervisor scaling real
+workers 1 → 2 → 1 on the latency SLO under a real load with zero failed requests; unreadable metrics → unknown
+(logged once), never a scale-down; what it reports (the fleet's /metrics, a latency beyond the top bucket, a need
+clipped at --max-replicas); and the serving flag it relies on (`--metrics-port` with `--reuse-port`: join when
+ready, leave first)."""
 
 from __future__ import annotations
 
@@ -18,14 +20,17 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cliutil import cli_env, run_warmpod, warmpod_cmd
 from tests.modelgen import write_slow_dir
-from tests.servers import free_port, wait_until
+from tests.servers import RangeHTTPServer, free_port, wait_until
 from tests.serverutil import LoadThread, LoggedProcess, MetricsPage, Scrape, http, stage
 from warmpod.pods.lines import METRICS_LINE
 from warmpod.pods.policy import PolicyConfig
-from warmpod.pods.supervisor import Supervisor, UpConfig, Worker
+from warmpod.pods.supervisor import Supervisor, UpConfig, Worker, create_status_app
+from warmpod.pods.up import FLAGS
 
 SLOW = "tests.server.factories:slow"
 INFER = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [[1, 2, 3, 4]]}]}
@@ -34,6 +39,7 @@ INFER = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data
 # ------------------------------------------------------------------------------------------ bad settings
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -65,6 +71,7 @@ def test_invalid_settings_exit_2_before_anything_starts(tmp_path: Path, args: li
     assert not store.exists()  # nothing was started: no loader ran
 
 
+@pytest.mark.process
 def test_a_taken_port_exits_2_before_anything_starts(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -77,14 +84,49 @@ def test_a_taken_port_exits_2_before_anything_starts(tmp_path: Path) -> None:
     assert not (tmp_path / "store").exists()
 
 
+@pytest.mark.process
 def test_a_failing_loader_stops_everything_with_its_exit_code(tmp_path: Path) -> None:
-    proc = run_warmpod("up", tmp_path / "no-such-model", "--model", "m", "--store", tmp_path / "store", "--port", "0",
-                       timeout=60)  # fmt: skip
-    assert proc.returncode == 3, proc.stderr  # the loader's "source not found"
-    assert "warmpod load exited 3" in proc.stderr
+    """The source is there (the check before starting passes), but its weights are not safetensors: the loader
+    fails while the first worker is starting."""
+    src = tmp_path / "broken-model"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(b"not a safetensors file at all")
+    proc = run_warmpod("up", src, "--model", "m", "--store", tmp_path / "store", "--port", "0", timeout=60)
+    assert proc.returncode == 5, proc.stderr  # the loader's "invalid model"
+    assert "warmpod load exited 5" in proc.stderr
     assert "w1 stopped" in proc.stderr  # the worker started alongside the load was drained, not left behind
 
 
+@pytest.mark.process
+@pytest.mark.parametrize("where", ["local", "http"])
+def test_a_missing_source_exits_3_with_the_loaders_message_before_anything_starts(
+    tmp_path: Path, http_server: Callable[..., RangeHTTPServer], where: str
+) -> None:
+    """Checked the way `warmpod load` resolves a source (a path or a URL alike): exit 3 with the loader's message,
+    no "serving" line, no worker, no loader."""
+    source = str(tmp_path / "no-such-model") if where == "local" else http_server(tmp_path).url_for("no-such-model")
+    store = tmp_path / "store"
+    proc = run_warmpod("up", source, "--model", "m", "--store", store, "--port", "0", timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"warmpod up: error: {source}: not found"]  # nothing else happened
+    assert not store.exists()
+
+
+@pytest.mark.unit
+def test_a_missing_source_starts_no_child_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The supervisor itself: its children's interpreter is a tripwire that records any start (loader or worker)."""
+    tripwire, started = tmp_path / "python", tmp_path / "started"
+    tripwire.write_text(f'#!/bin/sh\necho "$@" >> {started}\nexit 1\n')
+    tripwire.chmod(0o755)
+    missing = tmp_path / "no-such-model"
+    config = UpConfig(source=str(missing), model="m", store=tmp_path / "store", policy=PolicyConfig(max_replicas=2),
+                      port=0, python=str(tripwire))  # fmt: skip
+    assert asyncio.run(Supervisor(config).run()) == 3
+    assert capsys.readouterr().err == f"warmpod up: error: {missing}: not found\n"
+    assert not started.exists()
+
+
+@pytest.mark.process
 def test_a_worker_that_cannot_start_stops_everything_with_its_exit_code(tmp_path: Path) -> None:
     src = write_slow_dir(tmp_path / "src", sleep_s=0.01)
     proc = run_warmpod("up", src, "--model", "slow", "--store", tmp_path / "store", "--port", "0",
@@ -113,18 +155,20 @@ class FakeProcess:
 
 
 class FakeWorkerMetrics:
-    """Two workers' /metrics as the real server writes them, each tick serving 10 requests of 10 ms; or, for the
-    broken one, an error or garbage."""
+    """Two workers' /metrics as the real server writes them, each tick serving 10 requests of 12 ms (10 forward
+    passes of 10 ms) unless told otherwise; or, for the broken one, an error or garbage. `gets` counts the scrapes."""
 
     def __init__(self) -> None:
         self.pages = {port: MetricsPage("slow", workers=1) for port in (9001, 9002)}
         self.broken: Exception | str | None = None
+        self.gets = 0
 
-    def serve_a_tick(self) -> None:
+    def serve_a_tick(self, requests: int = 10, latency_s: float = 0.012, batch_s: float = 0.01) -> None:
         for page in self.pages.values():
-            page.serve(10, 0.012, batches=10, batch_s=0.01)
+            page.serve(requests, latency_s, batches=requests, batch_s=batch_s)
 
     async def get(self, url: str) -> tuple[int, str]:
+        self.gets += 1
         port = int(re.search(r":(\d+)/", url).group(1))  # type: ignore[union-attr]
         if port == 9002 and isinstance(self.broken, Exception):
             raise self.broken
@@ -133,6 +177,7 @@ class FakeWorkerMetrics:
         return 200, self.pages[port].text()
 
 
+@pytest.mark.unit
 def test_unreadable_metrics_make_a_replica_unknown_never_a_scale_down(caplog: pytest.LogCaptureFixture) -> None:
     """Light load on two workers: the policy would go down to one, but not while w2's metrics are unreadable
     (refused, garbage, another program's metrics, HTTP 500): w2 is unknown, logged once; no crash. Once w2 is
@@ -176,6 +221,7 @@ def test_unreadable_metrics_make_a_replica_unknown_never_a_scale_down(caplog: py
     asyncio.run(scenario())
 
 
+@pytest.mark.unit
 def test_a_non_warmpod_metrics_page_says_why(caplog: pytest.LogCaptureFixture) -> None:
     config = UpConfig(source="unused", model="slow", store=Path("/nonexistent"), policy=PolicyConfig(max_replicas=2))
     fake = FakeWorkerMetrics()
@@ -184,6 +230,127 @@ def test_a_non_warmpod_metrics_page_says_why(caplog: pytest.LogCaptureFixture) -
     worker = Worker("w2", FakeProcess(1), 0.0, "ready", 9002)
     result = asyncio.run(supervisor.scrape(worker))
     assert isinstance(result, str) and result.startswith("not a warmpod server's metrics at http://127.0.0.1:9002")
+
+
+# ------------------------------------------------------------------------------------------ what it reports
+
+
+def two_ready_workers(policy: PolicyConfig, fake: FakeWorkerMetrics, now: list[float]) -> Supervisor:
+    """A supervisor (with `warmpod up`'s flags) of two ready workers whose metrics are `fake`'s, on the clock `now`."""
+    config = UpConfig(source="unused", model="slow", store=Path("/nonexistent"), policy=policy, flags=FLAGS)
+    supervisor = Supervisor(config, clock=lambda: now[0], http_get=fake.get)
+    supervisor.workers = [Worker("w1", FakeProcess(101), 0.0, "ready", 9001),
+                          Worker("w2", FakeProcess(102), 1.0, "ready", 9002)]  # fmt: skip
+    supervisor.target = 2
+    return supervisor
+
+
+async def get_status_port(supervisor: Supervisor, path: str) -> tuple[int, str, str]:
+    """GET `path` from the supervisor's status app, served on 127.0.0.1 for the call: status, content type, body."""
+    runner = web.AppRunner(create_status_app(supervisor), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}{path}"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            return response.status, response.headers["Content-Type"], await response.text()
+    finally:
+        await runner.cleanup()
+
+
+def samples(text: str, name: str) -> dict[str, float]:
+    """`worker` label → value of the samples called `name` (requests to /v2/models/slow/infer answered 200)."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and {k: v for k, v in s.labels.items() if k != "worker"} in ({}, INFER_200):
+                assert s.labels.get("worker", "-") not in found, s
+                found[s.labels.get("worker", "-")] = s.value
+    return found
+
+
+INFER_200 = {"model": "slow", "endpoint": "infer", "code": "200"}
+
+
+@pytest.mark.unit
+def test_the_status_port_metrics_are_every_workers_last_scrape_with_a_worker_label() -> None:
+    """GET /metrics on the status port: each ready worker's metrics as the last tick read them (no second scrape),
+    each sample labelled with its worker; the supervisor's replica counts; a worker whose metrics are unreadable is
+    left out until they are readable."""
+    fake, now = FakeWorkerMetrics(), [0.0]
+    supervisor = two_ready_workers(PolicyConfig(min_replicas=2, max_replicas=2), fake, now)  # both stay
+
+    async def scenario() -> None:
+        for extra in (0, 5):  # w2 serves 5 more requests in the second tick
+            now[0] += 1.0
+            fake.serve_a_tick()
+            fake.pages[9002].serve(extra, 0.012)
+            await supervisor.tick()
+        assert fake.gets == 4
+        status, content_type, text = await get_status_port(supervisor, "/metrics")
+        assert status == 200 and content_type.startswith("text/plain"), content_type
+        assert fake.gets == 4  # the ticks' scrapes, reused
+        assert samples(text, "warmpod_request_duration_seconds_count") == {"w1": 20, "w2": 25}
+        assert samples(text, "warmpod_workers") == {"w1": 1, "w2": 1}
+        assert samples(text, "warmpod_up_replicas") == {"-": 2}
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert families["warmpod_request_duration_seconds"].type == "histogram"
+        ready = [s for s in families["warmpod_up_workers"].samples if s.labels == {"phase": "ready"}]
+        assert [s.value for s in ready] == [2]
+
+        fake.broken = aiohttp.ClientConnectionError("Connection refused")
+        now[0] += 1.0
+        fake.serve_a_tick()
+        await supervisor.tick()
+        _, _, text = await get_status_port(supervisor, "/metrics")
+        assert supervisor.status()["unknown"] == ["w2"]
+        assert samples(text, "warmpod_request_duration_seconds_count") == {"w1": 30}  # w2 left out, not stale
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.unit
+def test_a_latency_beyond_the_top_bucket_is_shown_as_above_it() -> None:
+    """Requests of 30 s against the server's top finite bucket of 10 s: "p95 > 10 s", and /status says the quantile
+    is above 10000 ms (observed null), instead of "10000 ms"."""
+    fake, now = FakeWorkerMetrics(), [0.0]
+    supervisor = two_ready_workers(PolicyConfig(max_replicas=2), fake, now)
+
+    async def scenario() -> None:
+        for _ in range(2):
+            now[0] += 1.0
+            fake.serve_a_tick(requests=1, latency_s=30.0, batch_s=0.01)
+            await supervisor.tick()
+        status, _, body = await get_status_port(supervisor, "/status")
+        assert status == 200
+        latency = json.loads(body)["latency_ms"]
+        assert latency == {"quantile": 0.95, "target": 100.0, "observed": None, "observed_above": 10000.0}
+        line = supervisor.status_line()
+        assert " p95 > 10 s (target 100 ms) " in line and "10000" not in line, line
+        assert supervisor.status()["decision"].startswith("panic: p95 > 10 s, over the 100 ms target")
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.unit
+def test_a_burst_clipped_at_max_replicas_says_so() -> None:
+    """Latency within the target, but forward passes of 50 ms always busy: the burst needs more replicas than
+    --max-replicas 2 allows. The status says both numbers and the flag; nothing more is started."""
+    fake, now = FakeWorkerMetrics(), [0.0]
+    supervisor = two_ready_workers(PolicyConfig(max_replicas=2), fake, now)
+
+    async def scenario() -> None:
+        for _ in range(2):
+            now[0] += 1.0
+            fake.serve_a_tick(requests=20, latency_s=0.06, batch_s=0.05)
+            await supervisor.tick()
+
+    asyncio.run(scenario())
+    status = supervisor.status()
+    match = re.fullmatch(r"panic: burst needs (\d+), clipped to --max-replicas 2", status["decision"])
+    assert match is not None and int(match.group(1)) > 2, status
+    assert status["replicas"] == 2 and len(supervisor.workers) == 2
+    assert supervisor.status_line().endswith(f"rps: panic: burst needs {match.group(1)}, clipped to --max-replicas 2")
 
 
 # ------------------------------------------------------------------------------------------ the serving flag
@@ -197,6 +364,7 @@ def refuses_connections(url: str) -> bool:
     return False
 
 
+@pytest.mark.process
 def test_serve_with_metrics_port_joins_the_shared_port_when_ready_and_leaves_it_first(tmp_path: Path) -> None:
     store, port = tmp_path / "store", free_port()
     shared = f"http://127.0.0.1:{port}"
@@ -238,14 +406,15 @@ def test_serve_with_metrics_port_joins_the_shared_port_when_ready_and_leaves_it_
 class Up(LoggedProcess):
     """`warmpod up` as a child process; its URLs read back from its first line."""
 
-    STARTED = re.compile(r"on (http://[\d.]+:\d+) with .*; status on (http://\S+/status)")
+    STARTED = re.compile(r"on (http://[\d.]+:\d+) with .*; status on (http://\S+/status), fleet metrics on "
+                         r"(http://\S+)/metrics$", re.M)  # fmt: skip
 
     def __init__(self, tmp_path: Path, *args: str | Path) -> None:
         super().__init__(warmpod_cmd("up", *args), log_path=tmp_path / "up.log", started=self.STARTED,
                          name="warmpod up", env=cli_env(), stop_timeout=60)  # fmt: skip
         self.start(timeout=30)
         assert self.match is not None
-        self.url, self.status_url = self.match.groups()
+        self.url, self.status_url, self.metrics_base = self.match.groups()
 
     def status(self) -> dict[str, Any]:
         status, _, body = http("GET", self.status_url, timeout=5)
@@ -259,6 +428,7 @@ class Up(LoggedProcess):
                           diagnostics=lambda: f"{self.status()}\n{self.log()[-6000:]}")  # fmt: skip
 
 
+@pytest.mark.process
 def test_a_worker_that_dies_is_replaced_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     """With a watching loader (a sidecar that keeps running): a worker killed by SIGKILL is replaced; Ctrl-C drains
     the worker and stops the loader, exit 0."""
@@ -272,6 +442,10 @@ def test_a_worker_that_dies_is_replaced_and_ctrl_c_stops_everything(tmp_path: Pa
         up.wait_status("a replacement", lambda s: [(w["name"], w["phase"]) for w in s["workers"]] == [("w2", "ready")],
                        timeout=60)  # fmt: skip
         assert http("POST", up.url + "/v2/models/slow/infer", json.dumps(INFER).encode())[0] == 200
+        # The fleet's /metrics: the replacement's request, under its name, once a tick has scraped it; w1 is gone.
+        wait_until(lambda: samples(http("GET", up.metrics_base + "/metrics")[2].decode(),
+                                   "warmpod_request_duration_seconds_count") == {"w2": 1},
+                   timeout=10, what="w2's request in the status port's /metrics")  # fmt: skip
         replacement = up.status()["workers"][0]
         up.signal(signal.SIGINT)  # Ctrl-C
         assert up.wait(60) == 0
@@ -285,6 +459,7 @@ def test_a_worker_that_dies_is_replaced_and_ctrl_c_stops_everything(tmp_path: Pa
         os.kill(replacement["pid"], 0)
 
 
+@pytest.mark.process
 def test_scales_1_to_2_when_the_slo_breaks_under_load_and_back_to_1_with_zero_failed_requests(tmp_path: Path) -> None:
     """A 30 ms forward with one forward at a time: one worker and 9 clients is ~270 ms per request (target 200 ms).
     The supervisor starts a second worker; once the heavy clients stop, the light one (under one worker's capacity)

@@ -1,10 +1,13 @@
 """`warmpod up`'s supervisor: the loader and `warmpod serve` workers as child processes sharing one port, scaled by
-the autoscaling policy (`warmpod.pods.policy`) from each worker's own /metrics, with a status line and a /status page.
+the autoscaling policy (`warmpod.pods.policy`) from each worker's own /metrics, with a status line, a /status page and
+the fleet's /metrics (every worker's, labelled `worker`).
 
 The decisions are the policy's; this module observes (scrapes every ready worker's private metrics port), acts
 (starts workers, drains the newest on scale-down, replaces workers that die) and reports. Workers that are still
 starting count as replicas, so a slow start is not answered by starting more; while one is starting, the
-supervisor starts no other (it holds the policy's scale-up until the started worker is ready).
+supervisor starts no other (it holds the policy's scale-up until the started worker is ready). Before anything
+starts, the source is resolved as `warmpod load` resolves it, so a missing one fails with the loader's message and
+exit code instead of after a worker was started.
 """
 
 from __future__ import annotations
@@ -15,14 +18,19 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
+from warmpod.errors import WarmpodError
 from warmpod.pods.lines import LISTENING_LINE, METRICS_LINE
 from warmpod.pods.policy import (
     Decision,
@@ -30,8 +38,10 @@ from warmpod.pods.policy import (
     PolicyState,
     ReplicaSample,
     Snapshot,
+    format_latency,
     observe_replica,
-    parse_snapshot,
+    parse_families,
+    snapshot_from_families,
     supervise,
 )
 from warmpod.pods.process import die_with_parent, reserve_port
@@ -63,6 +73,7 @@ class UpConfig:
     serve_args: tuple[str, ...] = ()  # passed to every `warmpod serve`
     drain_grace_s: float = 25.0  # the workers' --drain-grace: how long stopping waits for them
     python: str = sys.executable
+    flags: Mapping[str, str] = field(default_factory=dict)  # policy setting → the flag that set it, for the reasons
 
     def warmpod(self) -> list[str]:
         """`warmpod` as this interpreter runs it; -P: the user's working directory is not put on sys.path, so a
@@ -104,6 +115,7 @@ class Worker:
     phase: Phase = "starting"
     metrics_port: int | None = None  # its private port (from its "metrics and health on" line)
     snapshot: Snapshot | None = None  # its last readable scrape
+    families: list[Metric] | None = None  # that scrape's metric families, for /metrics; None while unknown
     unknown: str | None = None  # why its last scrape failed; None while its metrics are readable
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
@@ -143,7 +155,7 @@ class Supervisor:
         samples = await self.observe()
         active = self.active()
         ready, starting = sum(w.phase == "ready" for w in active), [w.name for w in active if w.phase == "starting"]
-        tick = supervise(samples, ready, starting, self.state, now, self.config.policy)
+        tick = supervise(samples, ready, starting, self.state, now, self.config.policy, self.config.flags)
         self.state, self.reason = tick.state, tick.reason
         if tick.decision is not None:
             self.decision = tick.decision
@@ -169,20 +181,22 @@ class Supervisor:
             elif worker.unknown is not None:
                 log.info("%s: metrics readable again", worker.name)
                 worker.unknown = None
-            scrape = None if isinstance(result, str) else result
+            scrape, worker.families = (None, None) if isinstance(result, str) else result
             sample, worker.snapshot = observe_replica(worker.name, worker.snapshot, scrape)
             if sample is not None:
                 samples.append(sample)
         return samples
 
-    async def scrape(self, worker: Worker) -> Snapshot | str:
-        """The worker's metrics, or why they could not be read."""
+    async def scrape(self, worker: Worker) -> tuple[Snapshot, list[Metric]] | str:
+        """The worker's metrics (what the policy reads, and the families /metrics shows), or why they could not be
+        read."""
         url = f"http://127.0.0.1:{worker.metrics_port}/metrics"
         try:
             status, text = await self.http_get(url)
             if status != 200:
                 return f"HTTP {status} from {url}"
-            return parse_snapshot(text, self.clock())
+            families = parse_families(text)
+            return snapshot_from_families(families, self.clock()), families
         except ValueError as e:
             return f"not a warmpod server's metrics at {url}: {e}"
         except SCRAPE_ERRORS as e:
@@ -305,7 +319,8 @@ class Supervisor:
     # ------------------------------------------------------------------------------------------- lifecycle
 
     async def run(self) -> int:
-        """Until SIGINT/SIGTERM (exit 0) or a fatal error (a loader or first start that failed: its exit code)."""
+        """Until SIGINT/SIGTERM (exit 0) or a fatal error (a loader or first start that failed: its exit code). A
+        source the loader cannot resolve ends it before anything starts, with the loader's exit code."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop_requested.set)
@@ -328,10 +343,14 @@ class Supervisor:
                           f"{e.strerror}", file=sys.stderr)  # fmt: skip
                     return 2
                 status_port = status_runner.addresses[0][1]
+                refused = await self._check_source()
+                if refused is not None:
+                    return refused
                 policy = self.config.policy
                 print(f"warmpod up: serving {self.config.model} on http://{self.config.host}:{self.port} with "
                       f"{policy.min_replicas}..{policy.max_replicas} workers; status on "
-                      f"http://127.0.0.1:{status_port}/status", file=sys.stderr, flush=True)  # fmt: skip
+                      f"http://127.0.0.1:{status_port}/status, fleet metrics on "
+                      f"http://127.0.0.1:{status_port}/metrics", file=sys.stderr, flush=True)  # fmt: skip
                 self._spawn(self._run_loader(), "loader")
                 self.reconcile()
                 await self._loop()
@@ -342,6 +361,25 @@ class Supervisor:
                     s.close()
         log.info("stopped")
         return self.exit_code
+
+    async def _check_source(self) -> int | None:
+        """None when the loader can resolve the source; else the exit code, its message printed as `warmpod load`
+        prints it (0 when a signal came first: a slow remote listing does not hold Ctrl-C up)."""
+        checking = asyncio.ensure_future(check_source(self.config.source))
+        stopping = asyncio.ensure_future(self.stop_requested.wait())
+        await asyncio.wait((checking, stopping), return_when=asyncio.FIRST_COMPLETED)
+        for task in (checking, stopping):
+            task.cancel()
+        await asyncio.gather(checking, stopping, return_exceptions=True)
+        if checking.cancelled():
+            return 0
+        error = checking.exception()
+        if isinstance(error, WarmpodError):
+            print(f"warmpod up: error: {error}", file=sys.stderr)
+            return error.exit_code
+        if error is not None:
+            raise error
+        return None
 
     async def _loop(self) -> None:
         next_tick = self.clock() + self.config.interval_s
@@ -388,6 +426,7 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         d, policy = self.decision, self.config.policy
         observed = d.observed_quantile_s if d is not None else None
+        above = d is not None and d.observed_above_top_bucket  # observed is then only the top finite bound
         return {
             "model": self.config.model,
             "url": f"http://{self.config.host}:{self.port}",
@@ -400,7 +439,8 @@ class Supervisor:
             "latency_ms": {
                 "quantile": policy.slo_quantile,
                 "target": policy.slo_target_s * 1000,
-                "observed": None if observed is None else round(observed * 1000, 1),
+                "observed": None if observed is None or above else round(observed * 1000, 1),
+                "observed_above": round(observed * 1000, 1) if observed is not None and above else None,
             },
             "demand_rps": None if d is None else round(d.demand_rps, 2),
             "capacity_rps": None if d is None or d.capacity_rps is None else round(d.capacity_rps, 2),
@@ -414,23 +454,77 @@ class Supervisor:
         s = self.status()
         counts = ", ".join(f"{k} {s[k]}" for k in ("ready", "starting", "draining") if s[k] or k == "ready")
         latency = s["latency_ms"]
-        observed = "-" if latency["observed"] is None else f"{latency['observed']:.0f}"
+        if latency["observed_above"] is not None:
+            observed = format_latency(latency["observed_above"] / 1000, above_top_bucket=True)
+        else:
+            observed = "-" if latency["observed"] is None else format_latency(latency["observed"] / 1000)
         demand = "-" if s["demand_rps"] is None else f"{s['demand_rps']:.1f}"
         return (f"replicas {s['replicas']} ({counts}) version {s['version'] or '-'} "
-                f"p{latency['quantile'] * 100:g} {observed} ms (target {latency['target']:g}) "
+                f"p{latency['quantile'] * 100:g} {observed} (target {latency['target']:g} ms) "
                 f"demand {demand} rps: {s['decision']}")  # fmt: skip
 
 
+async def check_source(uri: str) -> None:
+    """Resolve the source as `warmpod load` does (the loader's `open_source`: a local path, s3://, gs://, az://,
+    http(s)://, listed and checked the same way); raises the loader's error (SourceNotFound: exit 3, AccessDenied: 4,
+    ...) when it cannot."""
+    from warmpod.loader.sources import open_source  # the loader's fsspec stack, only when `warmpod up` runs
+
+    source = await open_source(uri)
+    await source.aclose()
+
+
+WORKER_LABEL = "worker"
+
+
+class FleetMetrics(Collector):
+    """The status port's /metrics: each worker's last readable scrape (the one the policy read at the last tick, not
+    a second scrape), every sample labelled `worker`="w1"...: a worker's counters stay its own series, so one that
+    drains or dies does not make a fleet total go down (which Prometheus would read as a counter reset). Sum with
+    `sum without (worker) (...)`. A worker whose last scrape failed (unknown) is left out until it is readable; a
+    draining one (no longer scraped) shows its last scrape until it exits. Plus the supervisor's own counts:
+    `warmpod_up_replicas`, `warmpod_up_workers{phase}`."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def collect(self) -> Iterator[Metric]:
+        workers = self.supervisor.workers
+        yield GaugeMetricFamily("warmpod_up_replicas", "Workers warmpod up is scaling to (the policy's decision)",
+                                value=self.supervisor.target)  # fmt: skip
+        phases = GaugeMetricFamily("warmpod_up_workers", "warmpod up's workers by phase", labels=["phase"])
+        for phase in ("starting", "ready", "draining"):
+            phases.add_metric([phase], sum(w.phase == phase for w in workers))
+        yield phases
+        merged: dict[str, Metric] = {}
+        for worker in workers:
+            for family in worker.families or ():
+                out = merged.get(family.name)
+                if out is None:
+                    out = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                out.samples += [s._replace(labels={**s.labels, WORKER_LABEL: worker.name}) for s in family.samples]
+        yield from merged.values()
+
+
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
+FLEET_REGISTRY = web.AppKey("fleet_registry", CollectorRegistry)
 
 
 def create_status_app(supervisor: Supervisor) -> web.Application:
-    """GET /status: the supervisor's status as JSON (replicas, workers, version, latency, the policy's decision)."""
+    """GET /status: the supervisor's status as JSON (replicas, workers, version, latency, the policy's decision).
+    GET /metrics: the fleet's metrics (`FleetMetrics`), rendered by prometheus_client."""
 
     async def status(request: web.Request) -> web.Response:
         return web.json_response(request.app[SUPERVISOR].status())
 
+    async def metrics(request: web.Request) -> web.Response:
+        body = generate_latest(request.app[FLEET_REGISTRY])
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     app = web.Application()
     app[SUPERVISOR] = supervisor
+    app[FLEET_REGISTRY] = registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetMetrics(supervisor))
     app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics)
     return app

@@ -3,7 +3,8 @@ them on a latency SLO (the policy in `warmpod.pods.policy`, applied by `warmpod.
 stops all.
 
 Exit codes: 0 stopped by Ctrl-C/SIGTERM; 2 usage (bad flags, invalid policy settings, the port taken); otherwise the
-code of the loader, or of a worker that could not start (see `warmpod load` and `warmpod serve`).
+code of the loader, or of a worker that could not start (see `warmpod load` and `warmpod serve`). The source is
+resolved as the loader resolves it before anything starts: a missing one is exit 3 with no worker started.
 """
 
 from __future__ import annotations
@@ -109,7 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the loader running: poll the source every SECONDS",
     )
     p.add_argument(
-        "--status-port", type=int, default=0, metavar="P", help="GET /status on 127.0.0.1:P (default 0: picks one)"
+        "--status-port",
+        type=int,
+        default=0,
+        metavar="P",
+        help="GET /status and the fleet's /metrics on 127.0.0.1:P (default 0: picks one)",
     )
     return p
 
@@ -149,6 +154,7 @@ def config_from_args(args: argparse.Namespace, serve_args: Sequence[str]) -> UpC
         interval_s=args.interval,
         watch_s=args.watch,
         status_port=args.status_port,
+        flags=FLAGS,
     )
     own = {arg for arg in config.own_serve_args(config.port) if arg.startswith("--")}
     for arg in serve_args:
