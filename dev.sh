@@ -88,7 +88,7 @@ warmpod serves $model on http://127.0.0.1:$port (Ctrl-C drains and stops it). Tr
   curl -s http://127.0.0.1:$port/v1/embeddings -H 'Content-Type: application/json' \\
     -d '{"model": "$model", "input": ["warm pods start fast"]}'
 
-  curl -s http://127.0.0.1:$port/metrics | grep ^warmpod_
+  curl -s http://127.0.0.1:$status_port/metrics | grep ^warmpod_    # every worker's metrics, labelled worker="w1"...
 
   curl -s http://127.0.0.1:$status_port/status    # workers, version, p95 and the autoscaler's decision
 

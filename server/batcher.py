@@ -4,6 +4,8 @@ The delay is a fixed deadline set when the first request of a batch arrives — 
 batch closes at that deadline or as soon as it holds max-batch-size rows, whichever comes first; the forward pass
 runs on a worker thread so the event loop keeps accepting requests, and each request gets exactly its own rows back.
 The queue is bounded: when it is full, `submit` refuses at once (503) instead of letting memory and latency grow.
+A request larger than a batch is cut into chunks that queue like other requests (see `submit`): no request can
+monopolise the model, and one past its deadline (or whose client left) stops using it within one forward pass.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 from warmpod.server.errors import DeadlineExceeded, ServerError, Unavailable
 from warmpod.server.metrics import ServerMetrics
-from warmpod.server.model import Prepared, ServedModel
+from warmpod.server.model import Prepared, ServedModel, merge_outputs
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ Outputs = dict[str, np.ndarray]
 
 @dataclass(eq=False)  # identity: one request is one Pending, whatever its fields
 class Pending:
-    """A request waiting for its share of a batch."""
+    """A request (or one chunk of a large one) waiting for its share of a batch."""
 
     prepared: Prepared
     enqueued: float
@@ -114,6 +116,7 @@ class BatchQueue:
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self.executor = executor
+        self.workers = workers
         self.metrics = metrics
         self.clock = clock
         self._queue: deque[Pending] = deque()
@@ -127,30 +130,49 @@ class BatchQueue:
         return len(self._queue)
 
     async def submit(self, prepared: Prepared, deadline: float) -> Outputs:
-        """Queue one request and wait for its rows. Unavailable when the queue is full, DeadlineExceeded at the
-        deadline (the request is dropped if it has not started)."""
+        """Run one request and return its outputs.
+
+        A request of more than max-batch-size rows runs as chunks of at most that many rows, queued a few at a time
+        (one per worker) at the queue's tail behind other requests' work: a large request never holds the model
+        while small ones wait, and its deadline is checked between chunks. Unavailable when the queue is full;
+        DeadlineExceeded at the deadline, and its remaining chunks never run; cancelled (the client went away),
+        the same. A chunk that started runs to its end: one forward pass is the longest a request can overstay.
+        """
         if len(self._queue) >= self.max_queue:
             raise Unavailable(
                 f"the batch queue is full ({self.max_queue} requests waiting); retry later or on another replica",
                 reason="queue_full",
             )
-        now = self.clock()
-        if deadline <= now:
+        start = self.clock()
+        if deadline <= start:
             raise DeadlineExceeded("the request deadline passed before the request was queued")
-        pending = Pending(prepared, now, deadline, asyncio.get_running_loop().create_future())
+        chunks = prepared.split(self.max_batch_size)
+        queued: deque[Pending] = deque()  # this request's chunks in the queue or running, oldest first
+        outputs: list[Outputs] = []
+        try:
+            while len(outputs) < len(chunks):
+                while len(outputs) + len(queued) < len(chunks) and len(queued) < self.workers:
+                    queued.append(self._enqueue(chunks[len(outputs) + len(queued)], deadline))
+                remaining = max(0.0, deadline - self.clock())
+                outputs.append(await asyncio.wait_for(asyncio.shield(queued[0].future), remaining))
+                queued.popleft()
+        except TimeoutError:
+            done = f", {len(outputs)} of its {len(chunks)} chunks done" if len(chunks) > 1 else ""
+            raise DeadlineExceeded(
+                f"no result within the request deadline (waited {self.clock() - start:.3g} s in the queue and "
+                f"forward{done})"
+            ) from None
+        finally:
+            for pending in queued:  # deadline, cancellation or a failed chunk: what has not started never runs
+                pending.abandoned = True
+        return merge_outputs(outputs)
+
+    def _enqueue(self, chunk: Prepared, deadline: float) -> Pending:
+        pending = Pending(chunk, self.clock(), deadline, asyncio.get_running_loop().create_future())
         self._queue.append(pending)
         self._gauge()
         self._arrived.set()
-        try:
-            return await asyncio.wait_for(asyncio.shield(pending.future), max(0.0, deadline - now))
-        except TimeoutError:
-            pending.abandoned = True
-            raise DeadlineExceeded(
-                f"no result within the request deadline (waited {self.clock() - now:.3g} s in the queue and forward)"
-            ) from None
-        except asyncio.CancelledError:
-            pending.abandoned = True
-            raise
+        return pending
 
     def busy_with(self, model: ServedModel) -> bool:
         """True while a request prepared by `model` is queued or running."""
@@ -229,6 +251,7 @@ class BatchQueue:
                 self._running_items.discard(p)
         if self.metrics is not None:
             self.metrics.batch_seconds.labels(self.model_name).observe(self.clock() - start)
+            self.metrics.observe_batch(self.model_name, sum(p.prepared.rows for p in live), self.clock() - start)
         for p, result in zip(live, results, strict=True):
             if p.future.done():
                 continue

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from warmpod.cliargs import positive, quantile, size_arg
 from warmpod.pods.lines import LISTENING_LINE_FORMAT, METRICS_LINE_FORMAT
 from warmpod.server.app import ServerConfig, process_start_time
+from warmpod.server.limits import DEFAULT_MAX_ROWS, DEFAULT_MAX_TOKENS
 from warmpod.store import DEFAULT_ROOT
 
 if TYPE_CHECKING:
@@ -74,6 +75,15 @@ def add_serving_arguments(p: argparse.ArgumentParser, *, default_port: int) -> N
     )
     p.add_argument("--max-body-bytes", type=size_arg, default=32 << 20, help="request body limit (default 32MiB)")
     p.add_argument(
+        "--max-request-rows", type=positive(int), default=DEFAULT_MAX_ROWS,
+        help=f"rows (texts, or V2 tensor rows) one request may have; more is 413 (default {DEFAULT_MAX_ROWS}, "
+        "OpenAI's embeddings limit). A request larger than --max-batch-size runs in chunks of that many rows",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-request-tokens", type=positive(int), default=DEFAULT_MAX_TOKENS,
+        help=f"tokens one request's texts may have in total; more is 413 (default {DEFAULT_MAX_TOKENS}, OpenAI's)",
+    )  # fmt: skip
+    p.add_argument(
         "--request-timeout", type=positive(float, 0.001), default=30.0, help="per-request deadline, seconds (30)"
     )
     p.add_argument(
@@ -114,6 +124,8 @@ def serving_config(args: argparse.Namespace, **fields: Any) -> ServerConfig:
         max_queue=args.max_queue,
         workers=args.workers,
         max_body_bytes=args.max_body_bytes,
+        max_request_rows=args.max_request_rows,
+        max_request_tokens=args.max_request_tokens,
         request_timeout_s=args.request_timeout,
         drain_grace_s=args.drain_grace,
         truncate=args.truncate,
@@ -145,7 +157,9 @@ async def serve(
     from warmpod.server.app import STATE, create_app, drain
 
     app = create_app(config, source=source)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    # handler_cancellation: a client that disconnects cancels its handler, and with it the request's chunks that have
+    # not started (the batcher drops them), instead of computing answers nobody reads.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
     await runner.setup()
     handoff = reuse_port and metrics_port is not None
     public: web.TCPSite | None = None  # the --host:--port site, once listening

@@ -39,6 +39,34 @@ class Prepared:
     tokens: int = 0
     model: ServedModel | None = field(default=None, repr=False)  # the model that prepared it runs it
 
+    def split(self, max_rows: int) -> list[Prepared]:
+        """This request as chunks of at most `max_rows` rows, in order (itself when it fits). The batcher schedules
+        chunks like any other work, so a large request never holds the model while others wait."""
+        if self.rows <= max_rows:
+            return [self]
+        chunks = []
+        for start in range(0, self.rows, max_rows):
+            stop = min(start + max_rows, self.rows)
+            data = slice_rows(self.data, start, stop)
+            tokens = sum(map(len, data)) if self.tokens and isinstance(data, list) else 0
+            chunks.append(Prepared(rows=stop - start, data=data, tokens=tokens, model=self.model))
+        return chunks
+
+
+def slice_rows(data: Any, start: int, stop: int) -> Any:
+    """Rows [start, stop) of a prepared request's data: every array of a mapping (inputs by name), or the sequence
+    itself (token ids per text, an array of rows)."""
+    if isinstance(data, Mapping):
+        return {name: rows[start:stop] for name, rows in data.items()}
+    return data[start:stop]
+
+
+def merge_outputs(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """A chunked request's outputs, its chunks' rows back together in order (the inverse of `Prepared.split`)."""
+    if len(parts) == 1:
+        return parts[0]
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
 
 class ServedModel(abc.ABC):
     """A model ready to serve. `run` is called from one worker thread at a time; everything else from the loop."""

@@ -69,6 +69,10 @@ class EngineError(WarmpodError):
     kind = "engine"
 
 
+class EngineOutOfMemory(EngineError):
+    """The guest memory limit (--max-memory) cannot hold what a call needs: a batch too large for it."""
+
+
 class EngineInterrupted(EngineError):
     """A guest call ran past its deadline and was stopped."""
 
@@ -284,7 +288,7 @@ class EngineInstance:
     def alloc(self, nbytes: int) -> int:
         ptr = int(self._call("wp_alloc", nbytes))
         if ptr == 0:
-            raise EngineError(
+            raise EngineOutOfMemory(
                 f"the engine ran out of memory allocating {nbytes} bytes (limit {self.max_memory >> 20} MiB): "
                 f"{self._message()}"
             )
@@ -346,7 +350,7 @@ class EngineInstance:
             return
         message = f"{what}: {self._message()} ({_STATUS.get(status, f'status {status}')})"
         if status == -2:
-            message += f"; the memory limit is {self.max_memory >> 20} MiB"
+            raise EngineOutOfMemory(message + f"; the memory limit is {self.max_memory >> 20} MiB")
         raise EngineError(message)
 
 

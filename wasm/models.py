@@ -10,19 +10,25 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from warmpod.server.errors import DeadlineExceeded, ModelError, ServerError
+from warmpod.server.errors import DeadlineExceeded, ModelError, PayloadTooLarge, ServerError
 from warmpod.server.families.common import split_rows, stack_inputs
 from warmpod.server.families.mlp_spec import MLPConfig, MLPInterface
 from warmpod.server.families.sentence import BertConfig, SentenceSettings, TextEncoder, load_tokenizer
 from warmpod.server.model import Prepared, ServedModel
 from warmpod.wasm.bundle import Bundle
-from warmpod.wasm.host import EngineError, EngineInstance, EngineInterrupted, EnginePool
+from warmpod.wasm.host import EngineError, EngineInstance, EngineInterrupted, EngineOutOfMemory, EnginePool
 
 
 def engine_failure(e: EngineError) -> ServerError:
-    """How a failed guest call reaches the client: 504 when it was interrupted at its deadline, else 500."""
+    """How a failed guest call reaches the client: 504 when it was interrupted at its deadline; 413 when the batch
+    does not fit the guest memory limit (nothing was computed: the allocation failed); else 500."""
     if isinstance(e, EngineInterrupted):
         return DeadlineExceeded(str(e))
+    if isinstance(e, EngineOutOfMemory):
+        return PayloadTooLarge(
+            f"the request does not fit the edge engine's guest memory ({e}): send fewer or shorter rows per "
+            "request, or start the server with a smaller --max-batch-size or a larger --max-memory"
+        )
     return ServerError(str(e))
 
 
@@ -38,7 +44,10 @@ class OnEngine(ServedModel):
         if self.pool is None:
             raise ModelError(f"model {self.name!r} is closed")
         with self.pool.instance() as instance:
-            yield instance
+            try:
+                yield instance
+            except EngineError as e:  # buffers that cannot be allocated, as well as a failed guest call
+                raise engine_failure(e) from None
 
     @staticmethod
     def forward(engine: EngineInstance, rows: int, seq: int) -> None:

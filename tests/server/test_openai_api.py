@@ -13,7 +13,8 @@ import openai
 import pytest
 from openai.types import CreateEmbeddingResponse
 
-from warmpod.server.errors import BadRequest
+from warmpod.server.errors import BadRequest, PayloadTooLarge
+from warmpod.server.limits import RequestLimits
 from warmpod.server.openai_api import (
     EmbeddingsRequest,
     check_dimensions,
@@ -258,10 +259,34 @@ def test_empty_string_in_list() -> None:
     assert "'input'[1] is an empty string" in bad({"model": "m", "input": ["a", "", "b"]})
 
 
-def test_too_many_inputs() -> None:
-    assert "'input' has 3 items; at most 2" in bad({"model": "m", "input": ["a", "b", "c"]}, max_inputs=2)
-    assert len(parse_embeddings_request(json.dumps({"model": "m", "input": ["a"] * 2048}).encode()).texts) == 2048
-    assert "at most 2048" in bad({"model": "m", "input": ["a"] * 2049})
+def test_too_many_inputs_is_413_naming_the_limit_and_its_flag() -> None:
+    """How many inputs a request may have is the server's --max-request-rows (OpenAI's 2,048 by default): over it is
+    413, not 400, with the request's size, the limit and the flag that raises it."""
+    limits = RequestLimits(max_rows=2)
+    with pytest.raises(PayloadTooLarge) as info:
+        limits.check_rows(
+            len(parse_embeddings_request(json.dumps({"model": "m", "input": ["a", "b", "c"]}).encode()).texts)
+        )
+    assert info.value.status == 413
+    assert str(info.value) == (
+        "the request has 3 rows; this server takes at most 2 per request (--max-request-rows): send fewer per "
+        "request, or raise --max-request-rows"
+    )
+    RequestLimits().check_rows(
+        len(parse_embeddings_request(json.dumps({"model": "m", "input": ["a"] * 2048}).encode()).texts)
+    )
+    with pytest.raises(PayloadTooLarge, match="has 2049 rows; this server takes at most 2048"):
+        RequestLimits().check_rows(2049)
+
+
+def test_too_many_tokens_is_413_naming_the_limit_and_its_flag() -> None:
+    with pytest.raises(PayloadTooLarge) as info:
+        RequestLimits(max_tokens=100).check_tokens(101)
+    assert info.value.status == 413
+    assert "texts are 101 tokens in total; this server takes at most 100 per request (--max-request-tokens)" in str(
+        info.value
+    )
+    RequestLimits().check_tokens(300_000)
 
 
 @pytest.mark.parametrize("value", ["int8", "FLOAT", 1, ["float"]])

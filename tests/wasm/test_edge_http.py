@@ -172,3 +172,24 @@ def test_no_truncate_reaches_the_edge_model(bundle: Path, cache: Path, tmp_path:
         status, body = post_json(f"{strict.url}/v1/embeddings", {"model": MODEL, "input": medium})
         assert status == 200, body
         assert body["usage"]["prompt_tokens"] == 300
+
+
+def test_oversized_requests_on_the_edge_are_413_never_500(
+    bundle: Path, cache: Path, tmp_path: Path, servers: tuple[WarmpodServer, WarmpodServer]
+) -> None:
+    """Over the row limit: 413 before any forward pass, as on the torch server. A batch that cannot fit the guest
+    memory limit: 413 naming it and the flags (before, 10,000 rows gave a 500 "out of memory")."""
+    _, edge = servers
+    status, body = post_json(edge.url + "/v1/embeddings", {"model": MODEL, "input": ["a"] * 10_000})
+    assert status == 413 and "the request has 10000 rows; this server takes at most 2048" in body["error"]["message"]
+    env = {"WARMPOD_WASM_CACHE": str(cache)}
+    # 200 MiB holds the weights (~90 MB) and a short request, not 32 texts of 256 tokens (attention and activations)
+    with WarmpodServer.edge(bundle, "--max-memory", "200MiB", log_dir=tmp_path, env=env) as small:
+        long_texts = [f"text {i} " + "warm pods start fast " * 80 for i in range(32)]
+        status, body = post_json(small.url + "/v1/embeddings", {"model": MODEL, "input": long_texts})
+        assert status == 413, body
+        message = body["error"]["message"]
+        assert "does not fit the edge engine's guest memory" in message and "the memory limit is 200 MiB" in message
+        assert "--max-batch-size" in message and "--max-memory" in message
+        status, body = post_json(small.url + "/v1/embeddings", {"model": MODEL, "input": ["a short one"]})
+        assert status == 200 and len(body["data"][0]["embedding"]) == 384

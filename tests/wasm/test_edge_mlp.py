@@ -135,7 +135,8 @@ def test_hostile_engine_is_stopped_and_the_server_carries_on(
         assert "replacing an engine instance that trapped or was interrupted" in edge.log()
 
         status, body = _infer(edge, [_input(np.full((1, 4), HOG, np.float32))])
-        assert status == 500 and "hostile test engine: out of memory" in body["error"]
+        # a guest that runs out of its memory limit: the request does not fit it, 413 naming the limit (a 500 before)
+        assert status == 413 and "hostile test engine: out of memory" in body["error"]
         assert "the memory limit is 48 MiB" in body["error"]
         assert _infer(edge, normal)[0] == 200
         assert edge.ready()
