@@ -2,12 +2,17 @@
 
 Named for the autoscaler that reads them: latency per model and endpoint (the SLO signal), how long requests wait
 in the batch queue (the saturation signal), batch sizes and forward time (the capacity estimate), in-flight and
-queued requests, and rejections by reason. The Wasm edge exports the same names.
+queued requests, and rejections by reason. The Wasm edge exports the same names. `model_totals` reads them back
+for the V2 statistics extension (GET /v2/models/{m}/stats), so both report the same counts.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
+from prometheus_client.metrics_core import Metric
 
 # Latency SLOs of embedding/MLP models sit between a few ms and a few hundred ms: fine buckets there.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
@@ -45,6 +50,18 @@ class ServerMetrics:
             "Time of one batched forward pass (the service time)",
             ["model"],
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_compute_seconds = Summary(
+            "warmpod_batch_compute_duration_seconds",
+            "Time of the forward passes of each batch size (rows): the per-batch-size statistics of /v2/models/stats",
+            ["model", "batch_size"],
+            registry=registry,
+        )
+        self.last_inference = Gauge(
+            "warmpod_last_inference_timestamp_seconds",
+            "When the last successful inference request was answered (Unix time)",
+            ["model"],
             registry=registry,
         )
         self.inflight = Gauge(
@@ -92,3 +109,67 @@ class ServerMetrics:
             "last window: averaged across pods, the factor by which to scale (HPA/KEDA target 1.0)",
             registry=registry,
         )
+
+    def observe_batch(self, model: str, rows: int, seconds: float) -> None:
+        """A forward pass of `rows` rows took `seconds` (per batch size: the statistics extension's batch_stats)."""
+        self.batch_compute_seconds.labels(model, str(rows)).observe(seconds)
+
+
+@dataclass(frozen=True)
+class Duration:
+    """How many times something happened and its total time."""
+
+    count: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ModelTotals:
+    """One model's counters as /metrics shows them, summed over labels: what the statistics extension reports."""
+
+    success: Duration  # inference requests answered 2xx, with their latency
+    fail: Duration  # answered with an error, except 404 (those named no model served here)
+    queue: Duration  # requests (chunks) that left the batch queue for a forward pass, with their wait
+    compute: Duration  # forward passes, with their time
+    rows: int  # rows run through forward passes (Triton's inference_count)
+    batches: dict[int, Duration]  # forward passes by batch size (rows)
+    last_inference_s: float  # Unix time of the last success; 0 when none
+
+
+def model_totals(families: Iterable[Metric], model: str) -> ModelTotals:
+    """Sum the samples of `model` in `families` (a registry's collect()) into ModelTotals."""
+    counts: dict[tuple[str, str], float] = {}  # (family, key) → its _count samples summed
+    totals: dict[tuple[str, str], float] = {}  # (family, key) → its _sum samples (or a gauge's value) summed
+    for family in families:
+        for sample in family.samples:
+            if sample.labels.get("model") != model:
+                continue
+            series = (family.name, _key(family.name, sample.labels))
+            if sample.name == family.name + "_count":
+                counts[series] = counts.get(series, 0.0) + sample.value
+            elif sample.name in (family.name + "_sum", family.name):
+                totals[series] = totals.get(series, 0.0) + sample.value
+
+    def duration(family: str, key: str = "") -> Duration:
+        return Duration(int(counts.get((family, key), 0)), totals.get((family, key), 0.0))
+
+    batch = "warmpod_batch_compute_duration_seconds"
+    return ModelTotals(
+        success=duration("warmpod_request_duration_seconds", "success"),
+        fail=duration("warmpod_request_duration_seconds", "fail"),
+        queue=duration("warmpod_queue_wait_seconds"),
+        compute=duration("warmpod_batch_duration_seconds"),
+        rows=int(totals.get(("warmpod_batch_size", ""), 0)),
+        batches={int(key): duration(batch, key) for key in sorted((k for f, k in counts if f == batch), key=int)},
+        last_inference_s=totals.get(("warmpod_last_inference_timestamp_seconds", ""), 0.0),
+    )
+
+
+def _key(family: str, labels: dict[str, str]) -> str:
+    """What model_totals tells apart within a family: request outcome, batch size."""
+    if family == "warmpod_request_duration_seconds":
+        code = labels["code"]
+        return "success" if code.startswith("2") else "not_found" if code == "404" else "fail"
+    if family == "warmpod_batch_compute_duration_seconds":
+        return labels["batch_size"]
+    return ""
