@@ -26,16 +26,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from warmpod import __version__
 from warmpod.errors import WarmpodError
 from warmpod.pods.policy import PolicyConfig, Snapshot, pod_scale_factor, sample_between, snapshot_from_families
-from warmpod.server import openai_api, v2
+from warmpod.server import openai_api, openapi, v2
 from warmpod.server.batcher import BatchQueue
 from warmpod.server.errors import BadRequest, NotFound, PayloadTooLarge, ServerError, Unavailable
-from warmpod.server.metrics import ServerMetrics
+from warmpod.server.limits import DEFAULT_MAX_ROWS, DEFAULT_MAX_TOKENS, RequestLimits, request_rows
+from warmpod.server.metrics import ServerMetrics, model_totals
 from warmpod.server.model import ServedModel
 from warmpod.server.source import ModelSource, StoreSource
 from warmpod.server.tensors import Tensor
 
 log = logging.getLogger("warmpod.server")
 
+# The protocol extensions /v2 lists: only what this server implements (Triton's names, and warmpod's own).
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics", "openai_embeddings")
 INFERENCE_ROUTES = ("infer", "embeddings")  # the routes whose latency, in-flight count and rejections are measured
 REJECTED = "warmpod_rejected"  # key on an error response: the reason label of warmpod_requests_rejected_total
 
@@ -52,6 +55,8 @@ class ServerConfig:
     threads: int = 1
     workers: int = 1
     max_body_bytes: int = 32 << 20
+    max_request_rows: int = DEFAULT_MAX_ROWS
+    max_request_tokens: int = DEFAULT_MAX_TOKENS
     request_timeout_s: float = 30.0
     drain_grace_s: float = 25.0
     poll_interval_s: float = 0.25
@@ -104,6 +109,7 @@ STATE = web.AppKey("state", ServerState)
 BATCHER = web.AppKey("batcher", BatchQueue)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 SOURCE: web.AppKey[ModelSource] = web.AppKey("source")
+OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
 
 
 def create_app(
@@ -117,17 +123,25 @@ def create_app(
         config.store, config.model, threads=config.threads, factory=config.factory, truncate=config.truncate
     )
     app[METRICS] = ServerMetrics(registry if registry is not None else CollectorRegistry())
+    app[OPENAPI] = openapi.document(__version__)
     app.cleanup_ctx.extend([state_ctx, batcher_ctx, model_ctx, scale_signal_ctx])
     app.router.add_get("/v2/health/live", live, name="live")
     app.router.add_get("/v2/health/ready", ready, name="ready")
     app.router.add_get("/v2", server_metadata, name="server_metadata")
+    app.router.add_get("/v2/", server_metadata)
+    app.router.add_get("/v2/models/stats", model_stats)  # before /v2/models/{model}: not a model named "stats"
+    app.router.add_post("/v2/repository/index", repository_index)
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         app.router.add_get(prefix, model_metadata)
         app.router.add_get(prefix + "/ready", model_ready)
+        app.router.add_get(prefix + "/config", model_config)
+        app.router.add_get(prefix + "/stats", model_stats)
         app.router.add_post(prefix + "/infer", infer, name="infer" if "version" not in prefix else "infer_version")
     app.router.add_post("/v1/embeddings", embeddings, name="embeddings")
     app.router.add_get("/v1/models", openai_models)
+    app.router.add_get("/v1/models/{model}", openai_model)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi_document)
     return app
 
 
@@ -333,6 +347,8 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         endpoint = "embeddings" if route == "embeddings" else "infer"
         code = str(response.status)
         metrics.request_seconds.labels(config.model, endpoint, code).observe(time.monotonic() - started)
+        if response.status < 300:
+            metrics.last_inference.labels(config.model).set_to_current_time()
         reason = response.get(REJECTED)
         if reason:
             metrics.rejected.labels(config.model, reason).inc()
@@ -402,7 +418,7 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def server_metadata(request: web.Request) -> web.Response:
-    return _json({"name": "warmpod", "version": __version__, "extensions": ["binary_tensor_data", "openai_embeddings"]})
+    return _json({"name": "warmpod", "version": __version__, "extensions": list(EXTENSIONS)})
 
 
 def served_model(request: web.Request, name: str | None = None) -> ServedModel:
@@ -445,6 +461,11 @@ def deadline_for(request: web.Request, parameters: dict[str, Any] | None = None)
     return time.monotonic() + timeout
 
 
+def request_limits(request: web.Request) -> RequestLimits:
+    config = request.app[CONFIG]
+    return RequestLimits(max_rows=config.max_request_rows, max_tokens=config.max_request_tokens)
+
+
 def refuse_while_draining(request: web.Request) -> None:
     if request.app[STATE].draining:
         raise Unavailable("the server is draining (shutting down); retry on another replica", reason="draining")
@@ -457,7 +478,10 @@ async def infer(request: web.Request) -> web.Response:
     body = await request.read()
     req = v2.parse_infer_request(body, header_length)
     deadline = deadline_for(request, req.parameters)
+    limits = request_limits(request)
+    limits.check_rows(request_rows(req.inputs))  # before any tokenizing or forward pass
     prepared = model.prepare(req.inputs)
+    limits.check_tokens(prepared.tokens)
     selected = v2.select_outputs(req, [s.name for s in model.outputs])
     outputs = await request.app[BATCHER].submit(prepared, deadline)
     runner = prepared.model or model  # after a hot swap the request still reports the version that ran it
@@ -477,7 +501,10 @@ async def embeddings(request: web.Request) -> web.Response:
     refuse_while_draining(request)
     req = openai_api.parse_embeddings_request(await request.read())
     model = served_model(request, req.model)
+    limits = request_limits(request)
+    limits.check_rows(len(req.texts))
     prepared = model.prepare_texts(req.texts)  # a model that takes no text says so here (400)
+    limits.check_tokens(prepared.tokens)
     openai_api.check_dimensions(req.dimensions, model.outputs[0].shape[-1])
     vectors = (await request.app[BATCHER].submit(prepared, deadline_for(request)))["embedding"]
     payload = openai_api.encode_embeddings_response(model.name, vectors, req.encoding_format, prepared.tokens)
@@ -486,10 +513,65 @@ async def embeddings(request: web.Request) -> web.Response:
 
 async def openai_models(request: web.Request) -> web.Response:
     config, state = request.app[CONFIG], request.app[STATE]
-    data = [{"id": config.model, "object": "model", "created": int(config.process_start), "owned_by": "warmpod"}]
+    data = [openai_api.model_object(config.model, config.process_start)]
     return _json({"object": "list", "data": data if state.model is not None else []})
 
 
 async def metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# ------------------------------------------------------------------------------------------ protocol extensions
+
+
+async def model_config(request: web.Request) -> web.Response:
+    """Triton's model configuration extension: the model and the server's batching flags in Triton's form."""
+    model, config = served_model(request), request.app[CONFIG]
+    scheduling = v2.Scheduling(
+        max_batch_size=config.max_batch_size,
+        max_queue_delay_us=round(config.max_batch_delay_ms * 1000),
+        max_queue_size=config.max_queue,
+        timeout_us=round(config.request_timeout_s * 1e6),
+        instances=config.workers,
+    )
+    return _json(v2.model_config(model.name, model.metadata()["platform"], model.inputs, model.outputs, scheduling))
+
+
+async def model_stats(request: web.Request) -> web.Response:
+    """Triton's statistics extension, from the counters /metrics shows: one model's (a version: the one served), or
+    every model's (/v2/models/stats: the one this server serves, once it is loaded). Counts are this process's."""
+    app = request.app
+    loaded = app[STATE].model
+    models = [served_model(request)] if "model" in request.match_info else [loaded] if loaded is not None else []
+    totals = model_totals(app[METRICS].registry.collect(), app[CONFIG].model)
+    return _json({"model_stats": [v2.model_statistics(m.name, m.version, totals) for m in models]})
+
+
+async def repository_index(request: web.Request) -> web.Response:
+    """Triton's repository index (POST, an empty body or `{"ready": true}`): the one model this server serves."""
+    ready_only = v2.parse_repository_index_request(await request.read())
+    config, state = request.app[CONFIG], request.app[STATE]
+    model = state.model
+    version = model.version if model is not None else None
+    if state.draining:
+        entry = v2.repository_entry(config.model, version, "UNLOADING", "the server is draining")
+    elif model is None:
+        entry = v2.repository_entry(config.model, None, "LOADING", "waiting for the loader to publish the model")
+    else:
+        entry = v2.repository_entry(config.model, version, "READY")
+    return _json([entry] if state.ready or not ready_only else [])
+
+
+async def openai_model(request: web.Request) -> web.Response:
+    """OpenAI's GET /v1/models/{id}: the model object; 404 (code model_not_found) for a model not served here."""
+    try:
+        model = served_model(request)
+    except NotFound as e:
+        e.reason = "model_not_found"  # OpenAI's code for it
+        raise
+    return _json(openai_api.model_object(model.name, request.app[CONFIG].process_start))
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return _json(request.app[OPENAPI])

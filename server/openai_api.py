@@ -30,8 +30,9 @@ class EmbeddingsRequest:
     user: str | None
 
 
-def parse_embeddings_request(body: bytes, max_inputs: int = 2048) -> EmbeddingsRequest:
-    """Decode and validate an embeddings request; unknown fields are ignored, as the OpenAI API does."""
+def parse_embeddings_request(body: bytes) -> EmbeddingsRequest:
+    """Decode and validate an embeddings request; unknown fields are ignored, as the OpenAI API does. How many
+    inputs a request may have is the server's limit (warmpod.server.limits, --max-request-rows: 2,048 by default)."""
     request = load_json(body)
     if not isinstance(request, dict):
         raise BadRequest("the request body must be a JSON object with 'model' and 'input'")
@@ -54,7 +55,7 @@ def parse_embeddings_request(body: bytes, max_inputs: int = 2048) -> EmbeddingsR
     if user is not None and not isinstance(user, str):
         raise BadRequest("'user' must be a string")
 
-    texts = _texts(request.get("input"), max_inputs)
+    texts = _texts(request.get("input"))
     return EmbeddingsRequest(model, texts, cast(EncodingFormat, encoding_format), dimensions, user)
 
 
@@ -92,12 +93,17 @@ def encode_embeddings_response(
     return f'{{"object":"list","data":[{data}],"model":{json.dumps(model)},"usage":{usage}}}'.encode()
 
 
+def model_object(model: str, created: float) -> dict[str, Any]:
+    """OpenAI's model object (GET /v1/models lists them, GET /v1/models/{id} returns one)."""
+    return {"id": model, "object": "model", "created": int(created), "owned_by": "warmpod"}
+
+
 def openai_error_body(message: str, type_: str, code: str | None) -> bytes:
     """An error body in OpenAI's shape, e.g. type_ "invalid_request_error" for a 400."""
     return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
 
 
-def _texts(value: Any, max_inputs: int) -> list[str]:
+def _texts(value: Any) -> list[str]:
     if value is None:
         raise BadRequest("'input' is required: a string or a list of strings")
     texts = [value] if isinstance(value, str) else value
@@ -105,8 +111,6 @@ def _texts(value: Any, max_inputs: int) -> list[str]:
         raise BadRequest("'input' must be a string or a list of strings")
     if not texts:
         raise BadRequest("'input' is an empty list: send at least one string")
-    if len(texts) > max_inputs:
-        raise BadRequest(f"'input' has {len(texts)} items; at most {max_inputs} are allowed per request")
     for index, text in enumerate(texts):
         if isinstance(text, str):
             where = "'input'" if isinstance(value, str) else f"'input'[{index}]"

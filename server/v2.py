@@ -1,6 +1,7 @@
 """Open Inference Protocol v2 (KServe/Triton REST) codec: request body → tensors, output tensors → response body.
 
-JSON tensor data and Triton's binary tensor data extension (raw tensors after a JSON header). No HTTP, no model.
+JSON tensor data and Triton's binary tensor data extension (raw tensors after a JSON header), and the bodies of
+Triton's model configuration, statistics and repository index extensions. No HTTP, no model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from warmpod.server.errors import BadRequest
-from warmpod.server.tensors import DATATYPES, NUMPY_DTYPES, Tensor
+from warmpod.server.metrics import Duration, ModelTotals
+from warmpod.server.tensors import DATATYPES, NUMPY_DTYPES, Tensor, TensorSpec
 
 HEADER_LENGTH_HEADER = "Inference-Header-Content-Length"
 
@@ -152,6 +154,160 @@ def encode_infer_response(
 def error_body(message: str) -> bytes:
     """The V2 error response body."""
     return _dumps({"error": message}).encode()
+
+
+# --- Triton's extensions: model configuration, statistics, repository index -----------------------------------------
+
+# V2 datatype → Triton's model configuration data type (BYTES is TYPE_STRING there).
+TRITON_TYPES = {name: "TYPE_STRING" if name == "BYTES" else f"TYPE_{name}" for name in DATATYPES}
+
+
+@dataclass(frozen=True)
+class Scheduling:
+    """How the server batches and queues (its flags), as the model configuration reports them."""
+
+    max_batch_size: int  # --max-batch-size
+    max_queue_delay_us: int  # --max-batch-delay-ms
+    max_queue_size: int  # --max-queue
+    timeout_us: int  # --request-timeout: the whole request's deadline (a request's parameters.timeout may shorten it)
+    instances: int  # --workers: forward passes at once
+
+
+def model_config(
+    name: str, platform: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], scheduling: Scheduling
+) -> dict[str, Any]:
+    """GET /v2/models/{m}/config: the model in Triton's JSON model configuration (its ModelConfig protobuf as JSON,
+    int64 fields as numbers, as Triton prints them).
+
+    With max_batch_size > 0, `dims` leave out the batch dimension, as Triton's do: the metadata's shape is always
+    [-1] + dims. The batcher is Triton's dynamic batcher with a queue policy: a delay, a bounded queue that rejects
+    when full, a timeout that a request may shorten.
+    """
+    batching = scheduling.max_batch_size > 0
+
+    def dims(spec: TensorSpec) -> list[int]:
+        return list(spec.shape[1:] if batching and spec.shape else spec.shape)
+
+    return {
+        "name": name,
+        "platform": platform,
+        "backend": "warmpod",
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": scheduling.max_batch_size,
+        "input": [
+            {
+                "name": s.name,
+                "data_type": TRITON_TYPES[s.datatype],
+                "format": "FORMAT_NONE",
+                "dims": dims(s),
+                "is_shape_tensor": False,
+                "allow_ragged_batch": False,
+                "optional": False,
+            }
+            for s in inputs
+        ],
+        "output": [
+            {
+                "name": s.name,
+                "data_type": TRITON_TYPES[s.datatype],
+                "dims": dims(s),
+                "label_filename": "",
+                "is_shape_tensor": False,
+            }
+            for s in outputs
+        ],
+        "batch_input": [],
+        "batch_output": [],
+        "dynamic_batching": {
+            "preferred_batch_size": [],
+            "max_queue_delay_microseconds": scheduling.max_queue_delay_us,
+            "preserve_ordering": False,
+            "priority_levels": 0,
+            "default_priority_level": 0,
+            "default_queue_policy": {
+                "timeout_action": "REJECT",
+                "default_timeout_microseconds": scheduling.timeout_us,
+                "allow_timeout_override": True,
+                "max_queue_size": scheduling.max_queue_size,
+            },
+            "priority_queue_policy": {},
+        },
+        "instance_group": [
+            {
+                "name": name,
+                "kind": "KIND_CPU",
+                "count": scheduling.instances,
+                "gpus": [],
+                "secondary_devices": [],
+                "profile": [],
+                "passive": False,
+                "host_policy": "",
+            }
+        ],
+        "default_model_filename": "",
+        "parameters": {},
+        "model_warmup": [],
+        "model_transaction_policy": {"decoupled": False},
+    }
+
+
+def model_statistics(name: str, version: str, totals: ModelTotals) -> dict[str, Any]:
+    """One entry of GET /v2/models[/{m}[/versions/{v}]]/stats (`model_stats`), from the counters /metrics shows.
+
+    success/fail: requests and their latency; queue: time in the batch queue, per request; compute_infer: forward
+    passes and their time (count = executions: one pass serves every request in its batch); compute_input and
+    compute_output are not timed apart from the request (0); batch_stats: forward passes by batch size (rows).
+    """
+    none = _duration(Duration(0, 0.0))
+    return {
+        "name": name,
+        "version": version,
+        "last_inference": round(totals.last_inference_s * 1000),
+        "inference_count": totals.rows,
+        "execution_count": totals.compute.count,
+        "inference_stats": {
+            "success": _duration(totals.success),
+            "fail": _duration(totals.fail),
+            "queue": _duration(totals.queue),
+            "compute_input": none,
+            "compute_infer": _duration(totals.compute),
+            "compute_output": none,
+            "cache_hit": none,
+            "cache_miss": none,
+        },
+        "response_stats": {},
+        "batch_stats": [
+            {"batch_size": size, "compute_input": none, "compute_infer": _duration(d), "compute_output": none}
+            for size, d in totals.batches.items()
+        ],
+        "memory_usage": [],
+    }
+
+
+def _duration(d: Duration) -> dict[str, int]:
+    return {"count": d.count, "ns": round(d.seconds * 1e9)}
+
+
+def parse_repository_index_request(body: bytes) -> bool:
+    """POST /v2/repository/index: an empty body, or `{"ready": true|false}`; returns whether to list only the
+    models ready for inference."""
+    if not body.strip():
+        return False
+    request = load_json(body)
+    if not isinstance(request, dict):
+        raise BadRequest(
+            f'the request body must be empty or a JSON object like {{"ready": true}}, got {_type_name(request)}'
+        )
+    ready = request.get("ready", False)
+    if not isinstance(ready, bool):
+        raise BadRequest(f"'ready' must be true or false, got {_short(ready)}")
+    return ready
+
+
+def repository_entry(name: str, version: str | None, state: str, reason: str = "") -> dict[str, str]:
+    """One model of the repository index: state is Triton's READY, LOADING, UNLOADING or UNAVAILABLE."""
+    entry = {"name": name} | ({"version": version} if version is not None else {})
+    return entry | {"state": state, "reason": reason}
 
 
 # --- request: JSON header -------------------------------------------------------------------------------------------
