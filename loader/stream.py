@@ -9,10 +9,11 @@ hasher can always make progress and never needs a second pass over the file.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,16 @@ class Streamer:
         self.buffer_slots = asyncio.Semaphore(max(1, settings.max_buffer_bytes // settings.chunk_size))
         self.pool = ThreadPoolExecutor(settings.concurrency + 1, thread_name_prefix="warmpod-io")
 
+    def sharing_limits(self, source: Source, retry: RetryPolicy, events: Events) -> Streamer:
+        """A streamer for another source of the same load (a mirror) within this one's request slots, buffer slots
+        and threads, so a load never holds more than `concurrency` requests and `max_buffer_bytes` in total.
+        Close only this one (the owner of the pool)."""
+        other = Streamer.__new__(Streamer)
+        other.source, other.events, other.rng = source, events, self.rng
+        other.settings = dataclasses.replace(self.settings, retry=retry)
+        other.io_slots, other.buffer_slots, other.pool = self.io_slots, self.buffer_slots, self.pool
+        return other
+
     def __enter__(self) -> Streamer:
         return self
 
@@ -113,16 +124,22 @@ class Streamer:
 
     async def copy_file(self, f: SourceFile, dest: Path, want_sha256: bool) -> str | None:
         """Copy `f` to `dest` (created at its final size). Returns the sha256 hex when asked for, else None."""
+        digests = await self.copy_file_hashed(f, dest, ("sha256",) if want_sha256 else ())
+        return digests.get("sha256")
+
+    async def copy_file_hashed(self, f: SourceFile, dest: Path, algorithms: Sequence[str]) -> dict[str, str]:
+        """Copy `f` to `dest` (created at its final size, truncated first), hashing the bytes in order as they
+        arrive with each of `algorithms` (hashlib names: "sha256", "md5"). Returns {algorithm: hex digest}."""
         fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _size_file(fd, f.size)
-            hasher = _OrderedHasher(self) if want_sha256 else None
+            hasher = _OrderedHasher(self, algorithms) if algorithms else None
             with first_error():
                 async with asyncio.TaskGroup() as tg:
                     for r in plan_ranges(f.size, self.settings.chunk_size):
                         await self.buffer_slots.acquire()
                         tg.create_task(self._copy_range(f, fd, dest, r.index, r.offset, r.length, hasher))
-            return hasher.hexdigest() if hasher else None
+            return hasher.hexdigests() if hasher else {}
         finally:
             os.close(fd)
 
@@ -182,24 +199,26 @@ class Streamer:
 
 
 class _OrderedHasher:
-    """sha256 over ranges that complete out of order: each range waits for its predecessors, then hashes."""
+    """Digests over ranges that complete out of order: each range waits for its predecessors, then hashes."""
 
-    def __init__(self, streamer: Streamer) -> None:
+    def __init__(self, streamer: Streamer, algorithms: Sequence[str]) -> None:
         self.streamer = streamer
-        self.sha = hashlib.sha256()
+        # md5 only checks an S3 ETag (an integrity check, not a security one): FIPS builds allow it so marked.
+        self.hashes = {name: hashlib.new(name, usedforsecurity=name != "md5") for name in algorithms}
         self.next = 0
         self.turn = asyncio.Condition()
 
     async def feed(self, index: int, data: bytes) -> None:
         async with self.turn:
             await self.turn.wait_for(lambda: self.next == index)
-        await self.streamer.run(self.sha.update, data)  # hashlib releases the GIL for large buffers
+        for h in self.hashes.values():
+            await self.streamer.run(h.update, data)  # hashlib releases the GIL for large buffers
         async with self.turn:
             self.next += 1
             self.turn.notify_all()
 
-    def hexdigest(self) -> str:
-        return self.sha.hexdigest()
+    def hexdigests(self) -> dict[str, str]:
+        return {name: h.hexdigest() for name, h in self.hashes.items()}
 
 
 def _size_file(fd: int, size: int) -> None:
