@@ -407,3 +407,20 @@ def test_a_new_version_keeps_the_old_one_while_it_is_mapped(node: Node, mapper: 
     node.clock.pass_grace()
     run(node.agent(), body)
     assert [e["version"] for e in node.log.named("published")] == ["1", "2"]
+
+
+@pytest.mark.unit
+def test_the_watcher_publishes_a_new_version_when_the_source_changes(node: Node) -> None:
+    async def body(agent: NodeAgent) -> None:
+        await agent.ensure_model("a", None)
+        write_mlp(node.sources / "a", SIZES, seed=42)
+        async with asyncio.timeout(10):
+            while current_version(node.root, "a") != "2":
+                await asyncio.sleep(0.02)
+        await agent.refresh()  # the superseded version, mapped by nobody, is collected
+        assert [v.version for v in list_store(node.root)[0].versions] == ["2"]
+
+    node.clock.pass_grace()
+    run(node.agent(watch_s=0.05), body)
+    assert [e["version"] for e in node.log.named("published")] == ["1", "2"]
+    assert open_model(node.root / ".views" / "a", "a").version == "2"  # the view follows `current`
