@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("warmpod.server.cli", "serve a staged model over Open Inference Protocol v2 and OpenAI embeddings"),
     "up": ("warmpod.pods.up", "stage a model, serve it with workers on one port, and scale them on a latency SLO"),
     "edge": ("warmpod.wasm.cli", "compile a model for the WebAssembly edge engine, or serve it (same protocol)"),
+    "node": ("warmpod.node.cli", "the node agent: one store per node, handed to pods as read-only CSI volumes"),
+    "store": ("warmpod.node.ls", "inspect a store: `warmpod store ls ROOT` lists its models and versions"),
 }
 
 
