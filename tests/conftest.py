@@ -1,4 +1,4 @@
-"""Fixtures around the real local servers in ``servers.py`` (all on 127.0.0.1, always stopped).
+"""Fixtures around the real local servers of the support kit (tests/kit; all on 127.0.0.1, always stopped).
 
 Session-scoped: ``moto_s3`` (MotoServer), ``seaweed_s3`` (SeaweedServer; skipped if ``weed`` is missing).
 Function-scoped: ``moto_bucket`` / ``seaweed_bucket`` (a fresh bucket, deleted afterwards), ``moto_env``
@@ -16,15 +16,9 @@ from typing import Any
 
 import pytest
 
-from tests.servers import (
-    FaultProxy,
-    MotoServer,
-    RangeHTTPServer,
-    S3Bucket,
-    S3Server,
-    SeaweedServer,
-    find_weed,
-)
+from tests.kit.fault_proxy import FaultProxy
+from tests.kit.http_range import RangeHTTPServer
+from tests.kit.s3 import MotoServer, S3Bucket, S3Server, SeaweedServer, find_weed
 
 
 def pytest_configure(config: pytest.Config) -> None:

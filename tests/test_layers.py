@@ -7,7 +7,7 @@ import ast
 
 import pytest
 
-from tests.cliutil import REPO
+from tests.kit.warmpod import REPO
 
 pytestmark = pytest.mark.unit
 

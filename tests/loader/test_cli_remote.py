@@ -16,9 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.cliutil import cli_env, error_line, events, load_cmd, published_nothing, result_json, run_load
-from tests.modelgen import tree_digests, write_model, write_model_dir
-from tests.servers import FaultProxy, MotoServer, RangeHTTPServer, S3Bucket, SeaweedServer, wait_until
+from tests.kit.fault_proxy import FaultProxy
+from tests.kit.http_range import RangeHTTPServer
+from tests.kit.models import tree_digests, write_model, write_model_dir
+from tests.kit.procs import wait_until
+from tests.kit.s3 import MotoServer, S3Bucket, SeaweedServer
+from tests.kit.warmpod import child_env, error_line, events, load_cmd, published_nothing, result_json, run_load
 from warmpod.store import open_model
 
 SECRET = "s3cr3t-never-logged-0xC0FFEE"
@@ -222,7 +225,7 @@ def _slow_http_load(
 
 def _start_mid_load(args: list[str], proxy: FaultProxy, ranges: int) -> subprocess.Popen[str]:
     """Start the CLI and return once the proxy has seen `ranges` ranged GETs: the load is under way."""
-    proc = subprocess.Popen(load_cmd(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(load_cmd(*args), env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_until(lambda: proxy.stats().ranged_gets >= ranges, timeout=30, what=f"{ranges} ranges")
     return proc
 
@@ -312,7 +315,7 @@ def test_sigkill_at_several_points_never_harms_current_and_restart_completes(
             assert os.readlink(store / "m" / "current") == "versions/1"
         proxy.reset_stats()
         proc = subprocess.Popen(
-            load_cmd(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            load_cmd(*args), env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr

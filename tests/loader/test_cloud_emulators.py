@@ -12,7 +12,6 @@ through gcsfs and adlfs, which get nothing but each backend's standard environme
 
 from __future__ import annotations
 
-import atexit
 import base64
 import contextlib
 import importlib.util
@@ -20,9 +19,7 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -32,9 +29,9 @@ from typing import Protocol
 
 import pytest
 
-from tests.cliutil import error_line, result_json, run_load
-from tests.modelgen import tree_digests, write_model_dir
-from tests.servers import LOOPBACK, ServerStartError, free_port, wait_until
+from tests.kit.models import tree_digests, write_model_dir
+from tests.kit.procs import LOOPBACK, ChildProcess, free_port
+from tests.kit.warmpod import error_line, result_json, run_load
 
 REPO = Path(__file__).resolve().parents[2]
 AZURITE_BLOB = REPO / ".ci" / "node" / "node_modules" / ".bin" / "azurite-blob"
@@ -47,63 +44,12 @@ LOAD_ARGS = ("--chunk-size", "16KiB", "--concurrency", "4")
 AMBIENT_PREFIXES = ("AZURE_", "GOOGLE_", "GCE_", "CLOUDSDK_", "STORAGE_EMULATOR_HOST", "FSSPEC_", "GCSFS_")
 
 
-class EmulatorProcess:
-    """A server in its own process group, logging to a file; `start` polls readiness, `stop` kills it."""
-
-    def __init__(self, name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None) -> None:
-        self.name = name
-        self.argv = argv
-        self.workdir = workdir
-        self.log_path = workdir / f"{name}.log"
-        self.env = {**os.environ, **(env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, ready_url: str) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                env=self.env,
-                start_new_session=True,  # its own process group: stop() signals exactly what we started
-            )
-        atexit.register(self.stop)  # should the fixture's teardown never run
-
-        def ready() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                code = self.proc.returncode
-                raise ServerStartError(f"{self.name} exited with code {code}\n{self.log_tail()}")
-            return answers_http(ready_url)
-
-        try:
-            wait_until(ready, timeout=STARTUP_TIMEOUT_S, what=self.name, diagnostics=self.log_tail)
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        atexit.unregister(self.stop)
-        if proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-    def log_tail(self) -> str:
-        try:
-            return f"--- {self.log_path} ---\n{self.log_path.read_text(errors='replace')[-4000:]}"
-        except OSError:
-            return f"(no log at {self.log_path})"
+def emulator(
+    name: str, argv: list[str], workdir: Path, ready_url: str, env: dict[str, str] | None = None
+) -> ChildProcess:
+    """An emulator in its own process group, logging into `workdir`, ready once anything answers HTTP at `ready_url`."""
+    return ChildProcess(argv, name=name, log_path=workdir / f"{name}.log", ready=lambda: answers_http(ready_url),
+                        env={**os.environ, **(env or {})}, cwd=workdir, stop_timeout=10, own_group=True)  # fmt: skip
 
 
 def answers_http(url: str) -> bool:
@@ -142,7 +88,7 @@ class GcsEmulator:
         self.url = f"http://{LOOPBACK}:{self.port}"
         argv = [sys.executable, "-m", "gcp_storage_emulator", "start", "--in-memory"]
         argv += ["--host", LOOPBACK, "--port", str(self.port)]
-        self.process = EmulatorProcess("gcp-storage-emulator", argv, workdir)
+        self.process = emulator("gcp-storage-emulator", argv, workdir, self.url + "/")
         self.gcloud_config = workdir / "gcloud"  # empty: no gcloud application-default credentials
         self.gcloud_config.mkdir()
         self.trap = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -151,7 +97,7 @@ class GcsEmulator:
         self.trap.setblocking(False)
 
     def start(self) -> None:
-        self.process.start(self.url + "/")
+        self.process.start(timeout=STARTUP_TIMEOUT_S)
 
     def stop(self) -> None:
         self.process.stop()
@@ -211,10 +157,10 @@ class Azurite:
         argv += ["--location", str(data), "--skipApiVersionCheck", "--loose"]
         argv += ["--disableTelemetry"]  # telemetry would leave 127.0.0.1
         accounts = {"AZURITE_ACCOUNTS": f"{self.account}:{self.key}"}
-        self.process = EmulatorProcess("azurite-blob", argv, workdir, env=accounts)
+        self.process = emulator("azurite-blob", argv, workdir, self.url + "?comp=list", env=accounts)
 
     def start(self) -> None:
-        self.process.start(self.url + "?comp=list")
+        self.process.start(timeout=STARTUP_TIMEOUT_S)
 
     def stop(self) -> None:
         self.process.stop()

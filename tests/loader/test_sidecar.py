@@ -10,45 +10,24 @@ import select
 import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cliutil import cli_env, load_cmd
-from tests.modelgen import write_model_dir
-from tests.servers import free_port
+from tests.kit.clients import http
+from tests.kit.metrics import Scrape
+from tests.kit.models import write_model_dir
+from tests.kit.procs import free_port, wait_until
+from tests.kit.warmpod import child_env, load_cmd
 
 
 def get(url: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except (urllib.error.URLError, ConnectionError):
+        status, _, body = http("GET", url, timeout=5)
+    except OSError:
         return 0, ""  # not listening yet
-
-
-def wait_for(predicate: object, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def metric_samples(text: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
+    return status, body.decode()
 
 
 @contextlib.contextmanager
@@ -57,7 +36,7 @@ def watching_sidecar(source: Path, store: Path) -> Iterator[tuple[subprocess.Pop
     port = free_port()
     proc = subprocess.Popen(
         load_cmd(source, "--model", "m", "--store", store, "--watch", "0.2", "--port", str(port)),
-        env=cli_env(),
+        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -83,24 +62,24 @@ def test_watching_sidecar_serves_health_ready_metrics_and_publishes_new_versions
     sidecar: tuple[subprocess.Popen[str], str, Path, Path],
 ) -> None:
     proc, base, src, store = sidecar
-    wait_for(lambda: get(f"{base}/ready")[0] == 200, what="/ready")
+    wait_until(lambda: get(f"{base}/ready")[0] == 200, timeout=30, what="/ready")
     assert get(f"{base}/healthz") == (200, json.dumps({"status": "alive"}))
     _, body = get(f"{base}/ready")
     assert json.loads(body) == {"ready": True, "model": "m", "version": "1"}
 
-    samples = metric_samples(get(f"{base}/metrics")[1])
-    assert samples["warmpod_loader_published_versions_total"] == 1
+    metrics = Scrape(base)
+    assert metrics.value("warmpod_loader_published_versions_total") == 1
     total = sum((src / p).stat().st_size for p in ("model.safetensors", "config.json", "tokenizer/vocab.txt"))
-    assert samples["warmpod_loader_bytes_total"] == total
-    assert samples["warmpod_loader_load_duration_seconds_count"] == 1
-    assert samples["warmpod_loader_throughput_bytes_per_second"] > 0
+    assert metrics.value("warmpod_loader_bytes_total") == total
+    assert metrics.value("warmpod_loader_load_duration_seconds_count") == 1
+    assert metrics.total("warmpod_loader_throughput_bytes_per_second") > 0
     digest = json.loads((store / "m" / "current" / "manifest.json").read_text())["source"]["digest"]
-    assert samples[f"warmpod_loader_current_version_info{{digest={digest},model=m,version=1}}"] == 1
+    assert metrics.value("warmpod_loader_current_version_info", digest=digest, model="m", version="1") == 1
 
     write_model_dir(src, seed=7)  # a new upload: the watcher must publish version 2
-    wait_for(lambda: json.loads(get(f"{base}/ready")[1]).get("version") == "2", what="version 2")
-    samples = metric_samples(get(f"{base}/metrics")[1])
-    assert samples["warmpod_loader_published_versions_total"] == 2
+    wait_until(lambda: json.loads(get(f"{base}/ready")[1]).get("version") == "2", timeout=30, what="version 2")
+    metrics = Scrape(base)
+    assert metrics.value("warmpod_loader_published_versions_total") == 2
     assert os.readlink(store / "m" / "current") == "versions/2"
 
     proc.send_signal(signal.SIGTERM)
@@ -115,17 +94,19 @@ def test_ready_is_503_until_a_version_exists_and_errors_are_counted(tmp_path: Pa
     store = tmp_path / "store"
     missing = tmp_path / "not-yet"
     with watching_sidecar(missing, store) as (proc, base):
-        wait_for(lambda: _errors(base) >= 2, what="two failed polls")
+        wait_until(lambda: _errors(base) >= 2, timeout=30, what="two failed polls")
         assert get(f"{base}/ready")[0] == 503
         assert get(f"{base}/healthz")[0] == 200  # alive: a missing source is not a reason to restart
         write_model_dir(missing)
-        wait_for(lambda: get(f"{base}/ready")[0] == 200, what="/ready after the source appears")
+        wait_until(lambda: get(f"{base}/ready")[0] == 200, timeout=30, what="/ready after the source appears")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
 
 
 def _errors(base: str) -> float:
-    return metric_samples(get(f"{base}/metrics")[1]).get("warmpod_loader_errors_total{kind=not_found}", 0)
+    if get(f"{base}/healthz")[0] != 200:
+        return 0  # not listening yet
+    return Scrape(base).value("warmpod_loader_errors_total", kind="not_found") or 0
 
 
 def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
@@ -133,7 +114,7 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     primary, secondary = pty.openpty()
     proc = subprocess.Popen(
         load_cmd(src, "--model", "m", "--store", tmp_path / "store"),
-        env=cli_env(),
+        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=secondary,
         stdin=subprocess.DEVNULL,

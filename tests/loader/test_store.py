@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 
 import warmpod.store as store
-from tests.procmaps import mapping_of, resident_kib
+from tests.kit.procmaps import mapping_of, resident_kib
 from warmpod.loader.errors import StoreBusy, UsageError
 from warmpod.loader.publish import (
     clean_staging,

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from tests.serverutil import MetricsPage
+from tests.kit.metrics import MetricsPage
 from warmpod.pods.policy import (
     PolicyConfig,
     PolicyError,

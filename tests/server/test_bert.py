@@ -8,7 +8,6 @@ sentence-transformers: these tests only read the JSON.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -26,8 +25,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.procmaps import mappings
-from warmpod.loader.load import LoadRequest, load
+from tests.kit.procmaps import mappings
+from tests.kit.warmpod import stage
 from warmpod.server.errors import BadRequest, ModelError
 from warmpod.server.families.bert import BertEncoder, BertModel, pool
 from warmpod.server.families.sentence import BertConfig, pooling_mode, sentence_settings
@@ -41,8 +40,8 @@ TOLERANCE = 1e-5
 REPO = Path(__file__).resolve().parents[2]
 
 
-def stage(source: Path, store: Path, name: str) -> StagedModel:
-    asyncio.run(load(LoadRequest(uri=str(source), model=name, root=store)))
+def staged_from(source: Path, store: Path, name: str) -> StagedModel:
+    stage(source, store, name)
     return open_model(store, name)
 
 
@@ -305,7 +304,7 @@ def test_hf_names_are_normalised_and_unused_tensors_dropped(tmp_path: Path, capl
     weights["bert.embeddings.position_ids"] = torch.arange(64).unsqueeze(0)
     weights["bert.pooler.dense.weight"] = torch.zeros(32, 32)
     weights["cls.predictions.bias"] = torch.zeros(30522)
-    staged = stage(write_tiny_bert(tmp_path / "src", weights), tmp_path / "store", "tiny")
+    staged = staged_from(write_tiny_bert(tmp_path / "src", weights), tmp_path / "store", "tiny")
     with caplog.at_level(logging.INFO, logger="warmpod.server.families.bert"):
         model = BertEncoder.from_staged("tiny", staged, TINY)
     dropped = caplog.text
@@ -324,7 +323,7 @@ def test_inconsistent_weights_name_every_bad_tensor(tmp_path: Path) -> None:
     del weights["encoder.layer.1.intermediate.dense.bias"]
     weights["encoder.layer.2.output.dense.weight"] = torch.zeros(32, 64)
     weights["encoder.layer.0.attention.self.key.weight"] = torch.zeros(32, 16)
-    staged = stage(write_tiny_bert(tmp_path / "src", weights), tmp_path / "store", "broken")
+    staged = staged_from(write_tiny_bert(tmp_path / "src", weights), tmp_path / "store", "broken")
     with pytest.raises(ModelError) as err:
         BertEncoder.from_staged("broken", staged, TINY)
     message = str(err.value)
@@ -335,7 +334,7 @@ def test_inconsistent_weights_name_every_bad_tensor(tmp_path: Path) -> None:
 
 
 def test_unsupported_activation_is_named(tmp_path: Path) -> None:
-    staged = stage(write_tiny_bert(tmp_path / "src", tiny_weights()), tmp_path / "store", "tiny")
+    staged = staged_from(write_tiny_bert(tmp_path / "src", tiny_weights()), tmp_path / "store", "tiny")
     with pytest.raises(ModelError, match=r"hidden_act 'swish' is not supported"):
         BertEncoder.from_staged("tiny", staged, {**TINY, "hidden_act": "swish"})
 

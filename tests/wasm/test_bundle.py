@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from tests.cliutil import cli_env
-from tests.modelgen import write_mlp_dir
-from tests.serverutil import stage
+from tests.kit.models import write_mlp
+from tests.kit.warmpod import child_env, stage
 from tests.wasm.edgeutil import MINILM, epoch_threads, error_line, run_edge
 from warmpod.server.errors import ModelError
 from warmpod.server.families.mlp_spec import MLPConfig
@@ -87,7 +86,7 @@ def test_max_error_refuses_and_writes_nothing(tmp_path: Path, cache: Path) -> No
 
 def test_compile_from_a_staged_version(tmp_path: Path, cache: Path) -> None:
     store = tmp_path / "store"
-    mlp = write_mlp_dir(tmp_path / "src", (4, 8, 3))
+    mlp = write_mlp(tmp_path / "src", (4, 8, 3))
     version = stage(mlp, store, "iris")
     proc = run_edge("compile", "--store", store, "--model", "iris", "-o", tmp_path / "b", cache=cache)
     assert proc.returncode == 0, proc.stderr
@@ -103,7 +102,7 @@ def test_compile_from_a_staged_version(tmp_path: Path, cache: Path) -> None:
 
 def test_fp32_needs_no_engine_lower_precisions_run_it(tmp_path: Path, cache: Path) -> None:
     """FP32 has no error to measure, so the engine is not even compiled; fp16 and int8 are measured on it."""
-    mlp, missing = write_mlp_dir(tmp_path / "src", (4, 8, 3)), tmp_path / "missing.wasm"
+    mlp, missing = write_mlp(tmp_path / "src", (4, 8, 3)), tmp_path / "missing.wasm"
     proc = run_edge("compile", mlp, "-o", tmp_path / "b", "--engine", missing, cache=cache)
     assert proc.returncode == 0, proc.stderr
     proc = run_edge("compile", mlp, "-o", tmp_path / "c", "--engine", missing, "--dtype", "fp16", cache=cache)
@@ -120,7 +119,7 @@ def test_compile_never_imports_torch(tmp_path: Path, cache: Path) -> None:
         f"sys.exit(main(['compile', {str(MINILM)!r}, '-o', {str(tmp_path / 'b')!r}, '--dtype', 'fp16',"
         f" '--cache-dir', {str(cache)!r}]))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -170,7 +169,7 @@ def test_unsupported_pooling_names_the_mode(tmp_path: Path, cache: Path) -> None
 
 
 def test_integer_weights_and_missing_files_are_refused(tmp_path: Path, cache: Path) -> None:
-    mlp = write_mlp_dir(tmp_path / "mlp", (4, 8, 3))
+    mlp = write_mlp(tmp_path / "mlp", (4, 8, 3))
     weights = load_file(str(mlp / "model.safetensors"))
     weights["layers.0.weight"] = weights["layers.0.weight"].astype(np.int32)
     save_file(weights, str(mlp / "model.safetensors"))
@@ -233,7 +232,7 @@ def test_bundle_with_changed_weights_is_refused(tmp_path: Path, minilm_bundle: P
 def test_bundle_weights_are_read_once_for_the_digest_and_the_tensors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bundle = write_bundle(from_model(model_directory(write_mlp_dir(tmp_path / "mlp", (4, 8, 3)))), tmp_path / "b")
+    bundle = write_bundle(from_model(model_directory(write_mlp(tmp_path / "mlp", (4, 8, 3)))), tmp_path / "b")
     opened: list[str] = []
     real_open = builtins.open
 
@@ -282,7 +281,7 @@ def test_bundle_manifest_errors(tmp_path: Path, minilm_bundle: Path, changes: di
     ],
 )
 def test_mlp_bundle_config_errors(tmp_path: Path, changes: dict[str, object], message: str) -> None:
-    bundle = write_bundle(from_model(model_directory(write_mlp_dir(tmp_path / "mlp", (4, 8, 3)))), tmp_path / "b")
+    bundle = write_bundle(from_model(model_directory(write_mlp(tmp_path / "mlp", (4, 8, 3)))), tmp_path / "b")
     _edit_manifest(bundle, **changes)
     with pytest.raises(BundleError, match=rf"edge bundle {re.escape(str(bundle))}: {message}"):
         load_bundle(bundle)
@@ -327,7 +326,7 @@ def test_graph_round_trip() -> None:
 
 
 def test_mlp_graph_round_trip(tmp_path: Path) -> None:
-    src = write_mlp_dir(tmp_path / "mlp", (4, 8, 3), activation="tanh", labels=["a", "b", "c"])
+    src = write_mlp(tmp_path / "mlp", (4, 8, 3), activation="tanh", labels=["a", "b", "c"])
     graph = from_model(model_directory(src)).graph
     assert graph.config == {"sizes": [4, 8, 3], "activation": "tanh", "output_activation": "softmax",
                             "labels": ["a", "b", "c"]}  # fmt: skip

@@ -15,7 +15,9 @@ import openai
 import pytest
 import tritonclient.http as triton
 
-from tests.serverutil import Scrape, WarmpodServer, post_json, stage
+from tests.kit.clients import post_json
+from tests.kit.metrics import Scrape
+from tests.kit.warmpod import WarmpodServer, stage
 from tests.wasm.edgeutil import MINILM, run_edge
 
 MODEL = "all-MiniLM-L6-v2"

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.modelgen import write_mlp_dir
-from tests.serverutil import WarmpodServer, post_json, stage
+from tests.kit.clients import post_json
+from tests.kit.models import write_mlp
+from tests.kit.warmpod import WarmpodServer, stage
 from tests.wasm.edgeutil import epoch_threads, error_line, run_edge
 from tests.wasm.hostile import HOG, LOOP, write_engine
 from warmpod.server.errors import ModelError
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.timeout(120)
 def test_every_activation_matches_torch(
     tmp_path: Path, cache: Path, activation: str, output_activation: str | None
 ) -> None:
-    src = write_mlp_dir(tmp_path / "mlp", (13, 64, 31, 7), activation=activation,
+    src = write_mlp(tmp_path / "mlp", (13, 64, 31, 7), activation=activation,
                         output_activation=output_activation, seed=3)  # fmt: skip
     stage(src, tmp_path / "store", "m")
     with (
@@ -54,7 +55,7 @@ def test_every_activation_matches_torch(
 
 @pytest.fixture(scope="module")
 def mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_mlp_dir(tmp_path_factory.mktemp("src") / "iris", (4, 16, 3), labels=LABELS)
+    return write_mlp(tmp_path_factory.mktemp("src") / "iris", (4, 16, 3), labels=LABELS)
 
 
 @pytest.fixture(scope="module")

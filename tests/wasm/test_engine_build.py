@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import wasmtime
 
-from tests.modelgen import MLP_ACTIVATIONS, mlp_forward, mlp_tensors
+from tests.kit.models import MLP_ACTIVATIONS, mlp_forward, mlp_tensors
 
 ROOT = Path(__file__).parents[2]
 ENGINE = ROOT / "wasm" / "engine" / "warmpod_engine.wasm"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import wasmtime
 
-from tests.modelgen import mlp_reference, write_mlp_dir
+from tests.kit.models import mlp_reference, write_mlp
 from tests.wasm.edgeutil import epoch_threads
 from tests.wasm.hostile import HOG, LOOP, write_engine
 from warmpod.server.errors import DeadlineExceeded, ServerError
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture
 def mlp_bundle(tmp_path: Path):  # type: ignore[no-untyped-def]
-    return from_model(model_directory(write_mlp_dir(tmp_path / "mlp", (4, 16, 3))))
+    return from_model(model_directory(write_mlp(tmp_path / "mlp", (4, 16, 3))))
 
 
 def _request(value: float) -> dict[str, Tensor]:

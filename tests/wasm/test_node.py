@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from tests.modelgen import write_mlp_dir
+from tests.kit.models import write_mlp
 from tests.wasm.edgeutil import MINILM, run_edge
 from warmpod.server.model import Prepared
 from warmpod.server.tensors import Tensor
@@ -40,7 +40,7 @@ def outputs(proc: subprocess.CompletedProcess[str]) -> dict[str, np.ndarray]:
 
 
 def test_mlp_bundle_under_node_matches_wasmtime(tmp_path: Path, cache: Path) -> None:
-    src = write_mlp_dir(tmp_path / "mlp", (13, 32, 7), activation="gelu", output_activation="softmax")
+    src = write_mlp(tmp_path / "mlp", (13, 32, 7), activation="gelu", output_activation="softmax")
     bundle = tmp_path / "bundle"
     assert run_edge("compile", src, "-o", bundle, "--dtype", "fp16", cache=cache).returncode == 0
     x = np.random.default_rng(0).standard_normal((5, 13)).astype(np.float32)
@@ -68,7 +68,7 @@ def test_minilm_bundle_under_node_matches_wasmtime(tmp_path: Path, cache: Path) 
 
 def test_engine_errors_exit_1_with_the_message(tmp_path: Path, cache: Path) -> None:
     bundle = tmp_path / "bundle"
-    assert run_edge("compile", write_mlp_dir(tmp_path / "mlp", (4, 8, 3)), "-o", bundle, cache=cache).returncode == 0
+    assert run_edge("compile", write_mlp(tmp_path / "mlp", (4, 8, 3)), "-o", bundle, cache=cache).returncode == 0
     manifest = json.loads((bundle / "edge.json").read_text())
     manifest["config"]["sizes"] = [4, 9, 3]  # the weights are [8, 4]: the engine refuses tensor 0
     (bundle / "edge.json").write_text(json.dumps(manifest))
