@@ -507,6 +507,7 @@ def logs_on_failure(pod: Pod) -> Iterator[None]:
         raise
 
 
+@pytest.mark.namespace
 def test_pod_lifecycle(pod: Pod) -> None:
     started = time.monotonic()
     with logs_on_failure(pod):
@@ -688,6 +689,7 @@ def phase_4_termination_in_pod_order(pod: Pod) -> None:
     assert os.readlink(pod.store / pod.model / "current") == "versions/2"
 
 
+@pytest.mark.namespace
 def test_containers_see_a_read_only_root_and_their_volumes_as_mounted(pod: Pod) -> None:
     """The same mounts as the pod's containers, with a probe for a command: the server cannot write the store,
     the loader can, both can write their /tmp, and neither can write anywhere else."""

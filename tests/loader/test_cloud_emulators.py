@@ -43,6 +43,9 @@ LOAD_ARGS = ("--chunk-size", "16KiB", "--concurrency", "4")
 # Configuration that could leak in from the machine running the tests; each test sets only what it means to.
 AMBIENT_PREFIXES = ("AZURE_", "GOOGLE_", "GCE_", "CLOUDSDK_", "STORAGE_EMULATOR_HOST", "FSSPEC_", "GCSFS_")
 
+# The gcs/azurite fixtures are this module's own emulators, which tests/conftest.py does not know by name.
+pytestmark = pytest.mark.emulator
+
 
 def emulator(
     name: str, argv: list[str], workdir: Path, ready_url: str, env: dict[str, str] | None = None
