@@ -1,5 +1,6 @@
 """The container images (images/*/Dockerfile), proven without a Docker engine: hadolint clean, the structure the
-Kubernetes manifests rely on (non-root 10001, `warmpod` entrypoint, the writable paths as VOLUMEs, the ENV),
+Kubernetes manifests rely on (non-root 10001, but root for the node agent's mount(2); `warmpod` entrypoint, the
+writable paths as VOLUMEs, the ENV),
 each image's dependency closure (torch only in the server's), and each role's commands run through the image's
 entrypoint with only that closure importable and every file write inside a declared writable path."""
 
@@ -31,8 +32,9 @@ from tests.deploy.dockerfile import (
     read_dockerfile,
     read_dockerignore,
 )
-from tests.modelgen import write_mlp_dir, write_model_dir
-from tests.serverutil import ServerProcess, post_json, stage
+from tests.kit.clients import post_json
+from tests.kit.models import write_mlp, write_model_dir
+from tests.kit.warmpod import ServerProcess, stage
 
 REPO = Path(__file__).resolve().parents[2]
 UID = "10001"
@@ -43,10 +45,11 @@ VENV = "/opt/warmpod"
 @dataclass(frozen=True)
 class Image:
     role: str
-    extra: str  # the pyproject extra the image installs
+    extra: str  # the pyproject extra the image installs ("a,b": several, as pip takes them)
     writable: frozenset[str]  # VOLUMEs: the pod mounts emptyDirs there; nothing else may be written
     env: dict[str, str]  # besides COMMON_ENV and PATH
     torch: bool
+    user: str | None = f"{UID}:{UID}"  # None: no USER, the base image's root (the node agent: mount(2))
 
     @property
     def dockerfile(self) -> Path:
@@ -58,6 +61,15 @@ IMAGES = {
     "server": Image("server", "server", frozenset({"/tmp"}), {"WARMPOD_STORE": "/store"}, torch=True),
     "edge": Image(
         "edge", "wasm", frozenset({"/tmp", "/var/cache/warmpod"}), {"WARMPOD_WASM_CACHE": "/var/cache/warmpod"}, False
+    ),
+    # The node agent stages with the loader (its extra) and serves CSI over gRPC (the node extra).
+    "node": Image(
+        "node",
+        "loader,node",
+        frozenset({"/var/lib/warmpod/node-store", "/var/lib/kubelet", "/csi", "/tmp"}),
+        {},
+        torch=False,
+        user=None,
     ),
 }
 ROLES = list(IMAGES)
@@ -173,17 +185,21 @@ def test_all_images_share_the_python_base() -> None:
 def test_final_stage_contract(role: str) -> None:
     image = IMAGES[role]
     final = final_stage(image.dockerfile)
-    assert final.user == f"{UID}:{UID}"
-    (users,) = [r for r in final.runs if "useradd" in r]
-    assert re.search(rf"\bgroupadd [^&]*--gid {UID} warmpod\b", users), users
-    assert re.search(rf"\buseradd [^&]*--uid {UID} --gid warmpod [^&]* warmpod\b", users), users
+    assert final.user == image.user
+    if image.user is None:  # root, for mount(2): no user to create, and root can use the VOLUMEs Docker makes
+        assert not [r for r in final.runs if "useradd" in r or "install -d" in r]
+    else:
+        (users,) = [r for r in final.runs if "useradd" in r]
+        assert re.search(rf"\bgroupadd [^&]*--gid {UID} warmpod\b", users), users
+        assert re.search(rf"\buseradd [^&]*--uid {UID} --gid warmpod [^&]* warmpod\b", users), users
     (entrypoint,) = final.commands("ENTRYPOINT")
     assert entrypoint.exec_form == ["warmpod"] == final.entrypoint
     assert final.cmd in ([], ["--help"])
     assert final.env == {"PATH": f"{VENV}/bin:$PATH", **COMMON_ENV, **image.env}
     assert set(final.volumes) == image.writable
     # Each writable path other than /tmp exists in the image, owned by the user: a `docker run` volume is usable.
-    for path in image.writable - {"/tmp"}:
+    # (Not in root's image: Docker creates a VOLUME's missing directory owned by root.)
+    for path in image.writable - {"/tmp"} if image.user is not None else set():
         assert any(
             re.search(rf"install -d -m 07[05]0 -o warmpod -g warmpod {re.escape(path)}\b", r) for r in final.runs
         )
@@ -290,7 +306,7 @@ def closure(extras: set[str]) -> dict[str, metadata.Distribution]:
 
 def test_each_image_installs_its_extra() -> None:
     assert {role: installed_extras(image.dockerfile) for role, image in IMAGES.items()} == {
-        role: {image.extra} for role, image in IMAGES.items()
+        role: set(image.extra.split(",")) for role, image in IMAGES.items()
     }
 
 
@@ -305,6 +321,8 @@ def test_torch_only_in_the_server_image(role: str) -> None:
         assert not [d for d in dists if d.startswith("nvidia-")], "the CPU build of torch needs no CUDA libraries"
     if role == "edge":
         assert {"wasmtime", "numpy", "tokenizers", "safetensors"} <= set(dists)
+    if role == "node":  # the loader's sources, and CSI's gRPC
+        assert {"s3fs", "gcsfs", "adlfs", "grpcio", "protobuf"} <= set(dists)
 
 
 # ------------------------------------------------------------------------------ the role's commands, in its image
@@ -370,7 +388,9 @@ def test_the_wheel_ships_every_module_and_data_file(wheel_sites: dict[str, Path]
     want |= {f"{pkg.replace('.', '/')}/{name}" for pkg, names in setuptools["package-data"].items() for name in names}
     folders = {p.relative_to(REPO).as_posix() for p in REPO.rglob("*.py")}  # every module folder the repo has...
     packaged = {(REPO / p.replace(".", "/")).resolve().relative_to(REPO).as_posix() for p in setuptools["packages"]}
-    missing = {f.rsplit("/", 1)[0] for f in folders if f.split("/")[0] in {"loader", "server", "wasm", "warmpod"}}
+    missing = {
+        f.rsplit("/", 1)[0] for f in folders if f.split("/")[0] in {"loader", "server", "wasm", "node", "warmpod"}
+    }
     assert missing <= packaged, f"folders with modules but no package entry: {sorted(missing - packaged)}"
     for role, site in wheel_sites.items():
         shipped = {p.relative_to(site).as_posix() for p in site.rglob("*") if p.is_file()}
@@ -491,6 +511,7 @@ def _ok(proc: subprocess.CompletedProcess[str]) -> str:
         pytest.param("server", ["serve"], id="server-serve"),
         pytest.param("edge", ["edge", "serve"], id="edge-serve"),
         pytest.param("edge", ["edge", "compile"], id="edge-compile"),
+        pytest.param("node", ["node"], id="node-node"),
     ],
     indirect=["container"],
 )
@@ -537,7 +558,7 @@ def _infer_iris(url: str) -> dict[str, Any]:
 def test_server_serves_the_store_without_writing_it(container: Container, tmp_path: Path) -> None:
     """The pod mounts /store read-only into the server: serving (and draining on SIGTERM) writes only to /tmp."""
     store = tmp_path / "store"  # the loader's volume, not one of this image's
-    stage(write_mlp_dir(tmp_path / "src" / "iris"), store, "iris")
+    stage(write_mlp(tmp_path / "src" / "iris"), store, "iris")
     with served(container, "serve", "--model", "iris", "--store", store, "--threads", "1") as server:
         assert _infer_iris(server.url)["model_name"] == "iris"
         assert server.stop() == 0
@@ -546,7 +567,7 @@ def test_server_serves_the_store_without_writing_it(container: Container, tmp_pa
 
 @pytest.mark.parametrize("container", ["edge"], indirect=True)
 def test_edge_serves_with_its_engine_cache_in_the_cache_volume(container: Container, tmp_path: Path) -> None:
-    model = write_mlp_dir(tmp_path / "src" / "iris")
+    model = write_mlp(tmp_path / "src" / "iris")
     with served(container, "edge", "serve", model) as server:
         assert _infer_iris(server.url)["model_name"] == "iris"
         assert server.stop() == 0
