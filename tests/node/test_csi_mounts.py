@@ -7,13 +7,16 @@ through /proc/PID/root and /proc/PID/mountinfo, and checks that none reached thi
 from __future__ import annotations
 
 import errno
+import json
 from pathlib import Path
 
 import grpc
 import pytest
 
+from tests.kit.models import write_model_dir
 from tests.node.conftest import VIEW_FILES, CsiNode, publish_request, rpc_error, unpublish_request
 from warmpod.node.mounts import is_mount_point, mount_points
+from warmpod.store import current_version, version_dir
 
 pytestmark = [pytest.mark.namespace, pytest.mark.timeout(60)]
 
@@ -103,3 +106,35 @@ def test_a_reference_that_cannot_be_recorded_leaves_no_mount(csi_node_ns: CsiNod
     assert error.code() == grpc.StatusCode.INTERNAL
     assert "cannot record the reference of volume csi-unrecorded" in error.details()
     assert _mounts_at(node, target) == 0 and not target.exists()
+
+
+def test_the_node_agent_stages_and_hands_out_its_model(tmp_path: Path, namespaced: None) -> None:
+    """The real NodeAgent behind the socket: a miss stages the model from its origin, the pod's volume shows the
+    agent's view (a store root holding that model only), the reference is on the agent's disk, and goes."""
+    source = write_model_dir(tmp_path / "origin" / "mini")
+    node = CsiNode(tmp_path / "node", namespace=True,
+                   agent_catalog={"models": {"mini": {"source": str(source), "namespaces": ["team-a"]}}})  # fmt: skip
+    node.start()
+    try:
+        target = node.target("csi-mini")
+        for _ in range(2):  # a miss that stages, then a hit
+            node.node.NodePublishVolume(publish_request(target, "csi-mini", model="mini"))
+        assert _mounts_at(node, target) == 1
+        seen = node.inside(target)
+        assert [p.name for p in seen.iterdir()] == ["mini"]
+        served = {p.relative_to(source): p.read_bytes() for p in source.rglob("*") if p.is_file()}
+        staged = current_version(seen, "mini")
+        assert staged is not None
+        version = version_dir(seen, "mini", staged)
+        assert {rel: (version / rel).read_bytes() for rel in served} == served
+        with pytest.raises(OSError) as written:
+            (version / "config.json").write_text("{}")
+        assert written.value.errno == errno.EROFS
+        record = json.loads((node.agent_root / ".volumes" / "csi-mini.json").read_text())
+        assert (record["model"], record["namespace"], record["pod"]) == ("mini", "team-a", "embedder-7d9f")
+
+        node.node.NodeUnpublishVolume(unpublish_request(target, "csi-mini"))
+        assert _mounts_at(node, target) == 0 and not target.exists()
+        assert not (node.agent_root / ".volumes" / "csi-mini.json").exists()
+    finally:
+        node.stop()
