@@ -44,6 +44,7 @@ from warmpod.loader.publish import (
 )
 from warmpod.loader.sources import (
     INDEX_FILE,
+    MirrorSource,
     Source,
     SourceFile,
     identity_digest,
@@ -326,7 +327,7 @@ class _MirrorUse:
     # One attempt per range: any failure ends the mirror's use; retrying is the origin's job.
     RETRY = RetryPolicy(attempts=1)
 
-    def __init__(self, events: LoadEvents, where: str, source: Source | None, usable: frozenset[str]) -> None:
+    def __init__(self, events: LoadEvents, where: str, source: MirrorSource | None, usable: frozenset[str]) -> None:
         self.events, self.where, self.source, self.usable = events, where, source, usable
         self.counted = _CountedEvents(events, events.mirror_bytes_done)
         self.streamer: Streamer | None = None
@@ -358,8 +359,12 @@ class _MirrorUse:
         return self.streamer is not None and self.error is None and f.rel in self.usable
 
     def abandon(self, reason: str) -> None:
+        """End the mirror's use: no request more goes to it (a file in flight from it fails, and comes from the
+        origin too)."""
         if self.error is None:
             self.error = reason
+            if self.source is not None:
+                self.source.end(reason)
             self.events.mirror_abandoned(self.where, reason)
 
     def _there(self, f: SourceFile) -> SourceFile:

@@ -254,10 +254,38 @@ class Source:
 class MirrorSource(Source):
     """The files of another source read from a mirror (an HTTP server holding a copy, e.g. a peer node), so that
     the origin's listing decides what is staged and the mirror only supplies bytes. Its identities are the
-    origin's: a mirror is checked by digests, never by its own ETags, so `refresh` does not ask it."""
+    origin's: a mirror is checked by digests, never by its own ETags, so `refresh` does not ask it. Once `end`ed
+    it sends no request more: every read fails at once."""
+
+    ended: str | None = None
+
+    def end(self, reason: str) -> None:
+        if self.ended is None:
+            self.ended = reason
+
+    async def read_range(self, f: SourceFile, offset: int, length: int) -> bytes:
+        self._check_in_use(f)
+        try:
+            return await super().read_range(f, offset, length)
+        except Exception as e:  # ended at once, before the ranges waiting for this one's buffer can start
+            self.end(str(e))
+            raise
+
+    async def stream_range(self, f: SourceFile, offset: int, length: int) -> AsyncIterator[bytes]:
+        self._check_in_use(f)
+        try:
+            async for piece in super().stream_range(f, offset, length):
+                yield piece
+        except Exception as e:
+            self.end(str(e))
+            raise
 
     async def refresh(self) -> list[SourceFile]:
         return list(self.files)
+
+    def _check_in_use(self, f: SourceFile) -> None:
+        if self.ended is not None:
+            raise LoaderError(f"{redact(self.uri)}: {f.rel}: the mirror is no longer used ({self.ended})")
 
 
 async def open_mirror(url: str, files: Iterable[SourceFile], headers: Mapping[str, str]) -> MirrorSource:
