@@ -15,8 +15,8 @@ What runs:
   cold start the spike trace again with a 30 s cold start (a pod that downloads its weights) instead of warmpod's.
 
 Usage:
-  python bench/autoscale_sim.py [--out BENCHMARKS.md] [--no-write] [--jobs 2] [--seeds 5]
-  python bench/autoscale_sim.py --measure      # re-measure the MiniLM batch timings first (needs torch)
+  python -m bench.autoscale_sim [--out BENCHMARKS.md] [--no-write] [--jobs 2] [--seeds 5]
+  python -m bench.autoscale_sim --measure      # re-measure the MiniLM batch timings first (needs torch)
 """
 
 from __future__ import annotations
@@ -39,25 +39,20 @@ from typing import Any
 
 import numpy as np
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-sys.path.insert(0, str(BENCH_DIR))
-sys.path.insert(0, str(REPO))
-
-from serverproc import (  # noqa: E402
+from bench.serverproc import (
+    BENCH_DIR,
     OthersCpu,
+    bench_parser,
     command_line,
     git_revision,
     log,
     machine_line,
-    minilm_dir,
-    stage,
     temp_dir,
     token_rows,
     update_section,
     wait_quiet,
 )
-from simcore import (  # noqa: E402
+from bench.simcore import (
     Autoscaler,
     Fleet,
     HpaPolicy,
@@ -70,8 +65,9 @@ from simcore import (  # noqa: E402
     WarmpodPolicy,
     simulate,
 )
-
-from warmpod.pods.policy import PolicyConfig, ReplicaSample  # noqa: E402
+from tests.kit.models import minilm_dir
+from tests.kit.warmpod import stage
+from warmpod.pods.policy import PolicyConfig, ReplicaSample
 
 TIMINGS = BENCH_DIR / "results" / "minilm_batch_timings.json"
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
@@ -106,7 +102,7 @@ def measure(reps: int, shm: Path, quiet_timeout_s: float) -> dict[str, Any]:
     torch.set_num_threads(1)
     _quiet, quiet_note = wait_quiet(0.8, quiet_timeout_s)
     with temp_dir(shm, "warmpod-autoscale-") as root:
-        stage(minilm_dir(), "minilm", root / "store", timeout_s=300)
+        stage(minilm_dir(), root / "store", "minilm")
         model = build_model(open_model(root / "store", "minilm"))
         try:
             requests = {
@@ -140,7 +136,7 @@ def measure(reps: int, shm: Path, quiet_timeout_s: float) -> dict[str, Any]:
     # sigma of a lognormal with this p10-p90 range: ln(p90 / p10) / (2 x 1.2816)
     spread = statistics.median(math.log(r["p90_s"] / r["p10_s"]) / 2.5631 for r in rows)
     return {
-        "command": "python bench/autoscale_sim.py --measure",
+        "command": "python -m bench.autoscale_sim --measure",
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "revision": git_revision(),
         "machine": machine_line(),
@@ -157,7 +153,7 @@ def measure(reps: int, shm: Path, quiet_timeout_s: float) -> dict[str, Any]:
 
 def load_timings(path: Path) -> tuple[ServiceModel, dict[str, Any]]:
     if not path.exists():
-        raise SystemExit(f"{path} is missing: run `python bench/autoscale_sim.py --measure` once (needs torch)")
+        raise SystemExit(f"{path} is missing: run `python -m bench.autoscale_sim --measure` once (needs torch)")
     data: dict[str, Any] = json.loads(path.read_text())
     fit = data["fit"]
     return ServiceModel(fit["a_s"], fit["c_s"], fit["spread"]), data
@@ -637,14 +633,13 @@ def markdown(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__file__, __doc__, results=False)
     ap.add_argument("--measure", action="store_true", help=f"re-measure the batch timings into {TIMINGS.name}")
     ap.add_argument("--reps", type=int, default=40, help="--measure: rounds per batch size (default 40)")
     ap.add_argument("--shm", default="/dev/shm", help="--measure: where the temporary store goes")
     ap.add_argument("--quiet-timeout", type=float, default=600, help="--measure: longest wait for a quiet machine, s")
     ap.add_argument("--jobs", type=int, default=2, help="simulations run at once, in processes (default 2)")
     ap.add_argument("--seeds", type=int, default=5, help="seeds per trace and policy (default 5; tables: the first)")
-    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update")
     ap.add_argument("--no-write", action="store_true", help="print the results only (no BENCHMARKS.md, no PNGs)")
     return ap.parse_args(argv)
 
@@ -707,9 +702,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{seconds:.0f} s ({sim_s:.0f} s of simulation in {args.jobs} processes)",
         f"Machine (simulation): {machine_line()}",
     ]
-    doc = Path(args.out)
-    update_section(doc, MARK_START, MARK_END, markdown(meta, setup, data, runs, what_if, every_seed, cold, pngs, doc))
-    log(f"updated {doc}")
+    if args.out:
+        doc = Path(args.out)
+        section = markdown(meta, setup, data, runs, what_if, every_seed, cold, pngs, doc)
+        update_section(doc, MARK_START, MARK_END, section)
+        log(f"updated {doc}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """The Python baselines of bench/load_bench.py, each in its own process.
 
-    python bench/baseline_workers.py TOOL SRC DST
+    python -m bench.baseline_workers TOOL SRC DST
 
 Every tool gets a model from SRC into the file DST (on /dev/shm) and prints one JSON object on stdout:
 {"tool", "bytes" (bytes written to DST), "seconds" (in-process time, from after the imports to DST closed)}.

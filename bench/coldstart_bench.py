@@ -6,7 +6,7 @@ written once to a temporary directory on the root disk (not tmpfs). For each siz
   warmpod     the model was staged beforehand with `warmpod load` into a store on /dev/shm (not timed);
               timed: spawn `warmpod serve --model M --store S --port 0 --threads 1` -> first 200 from
               POST /v2/models/M/infer (input "input" FP32 [1, in])
-  disk        bench/baselines/disk_server.py: the same server (same CLI, app, family, warm-up), the weights read
+  disk        python -m bench.baselines.disk_server: the same server (same CLI, app, family, warm-up), the weights read
               from the model directory on disk with safetensors.torch.load_file and copied into private memory;
               the file is in the page cache (read once just before)
   disk-cold   the same, with the file evicted from the page cache first (posix_fadvise DONTNEED on that file:
@@ -14,7 +14,7 @@ written once to a temporary directory on the root disk (not tmpfs). For each siz
   disk-mmap   the same server keeping load_file's tensors as they are: safetensors backs them with a lazy mmap
               of the file, so this is zero-copy from a warm page cache (--weights mmap)
   kserve      the KServe way: the model directory is an S3 prefix on a local SeaweedFS (uploaded once, not timed);
-              timed: bench/baselines/s3_download.py (KServe's storage initializer: boto3 download_file of every
+              timed: python -m bench.baselines.s3_download (KServe's storage initializer: boto3 download_file of every
               object to a fresh directory on disk) runs to completion, then the disk server starts on that directory
 
 Goals (from the issue): warmpod <= 2 s at every size, warmpod 4 GiB <= 1.2x warmpod 0.1 GiB, and warmpod >= 95 %
@@ -25,7 +25,7 @@ Why this way:
     interpreter, imports, weight loading and the warm-up forward are all inside. The client retries every 10 ms
     while the server answers 503 (not ready); the 200's logits are checked (shape, finite).
   * Where warmpod's time goes: the server's own numbers (the "listening" line, warmpod_model_load_seconds) and
-    bench/coldstart_probe.py, which runs the server's startup steps one after the other in a fresh process.
+    bench.coldstart_probe, which runs the server's startup steps one after the other in a fresh process.
   * Freshly touched memory is slow on this VM: per size, one uncounted warm-up round of every path, then --reps
     rounds with the order rotated each round; medians are reported. Every server is stopped (SIGTERM to its process
     group, SIGKILL after 10 s) before the next starts.
@@ -35,7 +35,7 @@ Why this way:
     reports how much CPU everything else used while the rounds ran.
 
 Usage:
-  python bench/coldstart_bench.py [--sizes 0.1,1,4] [--reps 3] [--paths warmpod,disk,disk-cold,kserve]
+  python -m bench.coldstart_bench [--sizes 0.1,1,4] [--reps 3] [--paths warmpod,disk,disk-cold,kserve]
                                   [--model-dir DIR (keep and reuse the generated models)]
 
 Cleans up everything it creates on /dev/shm and in the work directory; SeaweedFS listens on 127.0.0.1 only.
@@ -58,38 +58,37 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-sys.path.insert(0, str(BENCH_DIR))
-
-from serverproc import (  # noqa: E402
+from bench.serverproc import (
     MODEL_FILE,
+    REPO,
     GiB,
     MiB,
     OthersCpu,
-    ServerProcess,
     StartTiming,
+    bench_env,
+    bench_parser,
+    bench_server,
     cached_bytes,
-    child_env,
     command_line,
     disk_serve_argv,
     drop_from_page_cache,
     ensure_mlp,
+    first_inference,
     git_revision,
     log,
     machine_line,
     median,
-    mlp_bytes,
     model_files,
     plan_mlp,
     read_fully,
-    stage,
     temp_dir,
     update_section,
     wait_quiet,
     warmpod_serve_argv,
 )
-from servers_bench import SeaweedS3  # noqa: E402
+from tests.kit.models import mlp_bytes
+from tests.kit.s3 import SeaweedServer
+from tests.kit.warmpod import stage
 
 MARK_START = "<!-- coldstart_bench:start -->"
 MARK_END = "<!-- coldstart_bench:end -->"
@@ -158,14 +157,14 @@ class Env:
     model: str
     input_size: int
     timeout_s: float
-    s3: SeaweedS3 | None = None
+    s3: SeaweedServer | None = None
     s3_prefix: str = ""
 
 
 def timed_server(argv: list[str], env: Env) -> tuple[StartTiming, float]:
     """Start a server, wait for its first 200; returns its timing and its spawn time (monotonic)."""
-    with ServerProcess(argv) as srv:
-        timing = srv.wait_first_inference(env.model, env.input_size, env.timeout_s)
+    with bench_server(argv).spawn() as srv:
+        timing = first_inference(srv, env.model, env.input_size, env.timeout_s)
         return timing, srv.started
 
 
@@ -190,10 +189,9 @@ def run_kserve(env: Env) -> Sample:
     assert env.s3 is not None
     target = Path(tempfile.mkdtemp(prefix="kserve-download-", dir=env.workdir))
     try:
-        argv = [sys.executable, str(BENCH_DIR / "baselines" / "s3_download.py"), f"s3://{BUCKET}/{env.s3_prefix}",
-                str(target)]  # fmt: skip
+        argv = [sys.executable, "-m", "bench.baselines.s3_download", f"s3://{BUCKET}/{env.s3_prefix}", str(target)]
         t0 = time.monotonic()
-        p = subprocess.run(argv, cwd=REPO, env=child_env(env.s3.env()), capture_output=True, text=True,
+        p = subprocess.run(argv, cwd=REPO, env=bench_env(env.s3.env()), capture_output=True, text=True,
                            timeout=env.timeout_s, check=False)  # fmt: skip
         download_s = time.monotonic() - t0
         if p.returncode != 0:
@@ -218,10 +216,10 @@ def run_path(path: str, env: Env) -> Sample:
 
 
 def run_probe(env: Env) -> dict[str, float]:
-    """bench/coldstart_probe.py in a fresh process: the server's startup steps, timed one by one."""
-    argv = [sys.executable, str(BENCH_DIR / "coldstart_probe.py"), str(env.store), env.model]
+    """bench.coldstart_probe in a fresh process: the server's startup steps, timed one by one."""
+    argv = [sys.executable, "-m", "bench.coldstart_probe", str(env.store), env.model]
     t0 = time.monotonic()
-    p = subprocess.run(argv, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=env.timeout_s,
+    p = subprocess.run(argv, cwd=REPO, env=bench_env(), capture_output=True, text=True, timeout=env.timeout_s,
                        check=False)  # fmt: skip
     if p.returncode != 0:
         raise RuntimeError(f"coldstart_probe exited {p.returncode}: {p.stderr[-1500:]}")
@@ -430,7 +428,7 @@ def markdown(command: str, meta: list[str], results: Sequence[SizeResult], paths
         "",
         detail_table(results, paths),
         "",
-        "warmpod's startup steps one after another in one fresh process (`bench/coldstart_probe.py`, medians, "
+        "warmpod's startup steps one after another in one fresh process (`python -m bench.coldstart_probe`, medians, "
         "seconds): interpreter = spawn → first line of the script; imports = what the server imports before it "
         "listens; torch = torch + the model families; map = `open_model`; populate = `StagedModel.populate()` "
         "(MADV_POPULATE_READ; the server runs it beside the torch import, so in the server it overlaps); build = "
@@ -457,13 +455,10 @@ def size_label(gib: float) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__file__, __doc__)
     ap.add_argument("--sizes", default="0.1,1,4", help="model sizes in GiB, comma-separated (default 0.1,1,4)")
     ap.add_argument("--reps", type=int, default=3, help="counted rounds per size (default 3)")
     ap.add_argument("--paths", default=",".join(PATHS), help=f"paths to measure (default {','.join(PATHS)})")
-    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update ('' to skip)")
-    ap.add_argument("--png", default=str(BENCH_DIR / "results" / "coldstart_bench.png"), help="chart ('' to skip)")
-    ap.add_argument("--json", default=str(BENCH_DIR / "results" / "coldstart_bench.json"), help="raw results")
     ap.add_argument("--workdir", default="/var/tmp", help="root-disk directory for models, downloads, SeaweedFS")
     ap.add_argument("--shm", default="/dev/shm", help="where the store goes (tmpfs)")
     ap.add_argument("--model-dir", help="keep the generated models here and reuse them on later runs")
@@ -503,12 +498,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_dirs[label] = ensure_mlp(models_root / f"mlp-{gib:g}g", plan_mlp(int(gib * GiB)))
         s3 = None
         if "kserve" in paths:
-            s3 = stack.enter_context(SeaweedS3(root))
+            s3 = stack.enter_context(SeaweedServer(mode="server", workdir=root / "seaweed"))
             s3.create_bucket(BUCKET)
             t0 = time.perf_counter()
             for d in model_dirs.values():
                 for f in model_files(d):
-                    s3.upload_file(f, BUCKET, f"{d.name}/{f.name}")
+                    s3.upload_file(BUCKET, f"{d.name}/{f.name}", f, part_size=64 * MiB)
             log(f"SeaweedFS {s3.version} at {s3.endpoint}; uploaded in {time.perf_counter() - t0:.1f}s")
             meta_servers = (
                 f"SeaweedFS {s3.version} (`weed server -filer -s3`, one process, data on the root disk, 127.0.0.1 only)"
@@ -522,8 +517,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise SystemExit(f"{shm} has {shutil.disk_usage(shm).free / GiB:.1f} GiB free; need {need / GiB:.1f}")
             with temp_dir(shm, "warmpod-coldstart-") as shm_root:
                 store, name = shm_root / "store", f"mlp-{gib:g}g"
-                staged = stage(d, name, store, timeout_s)
-                log(f"{label}: staged version {staged['version']} in {staged['seconds']}s; measuring {paths}")
+                t0 = time.perf_counter()
+                version = stage(d, store, name)
+                log(f"{label}: staged version {version} in {time.perf_counter() - t0:.1f}s; measuring {paths}")
                 env = Env(
                     workdir=root,
                     store=store,
@@ -548,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ", ".join(f"{r.label} = {r.file_bytes} bytes ({len(r.sizes) - 1} linear layers)" for r in results),
         "warmpod: staged beforehand with `warmpod load DIR --model M --store S` into a store on /dev/shm (not "
         "timed); `python -m warmpod serve --model M --store S --port 0 --threads 1`.",
-        "Same server, local file: `bench/baselines/disk_server.py` — warmpod's CLI, app, MLP family and warm-up "
+        "Same server, local file: `python -m bench.baselines.disk_server` — warmpod's CLI, app, MLP family and warm-up "
         "forward; only the weight source differs: `safetensors.torch.load_file` from the model directory, then "
         "each tensor copied into private memory (`clone()`), since load_file alone (safetensors 0.8 with torch) "
         'returns tensors on a lazy copy-on-write mmap of the file, which the "safetensors mmap" column keeps as '
@@ -559,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "running, so only the model file is evicted.",
         "KServe-style: the model directory is an S3 prefix on "
         + (meta_servers or "SeaweedFS")
-        + "; `bench/baselines/s3_download.py` downloads it the way KServe's storage initializer does (boto3 "
+        + "; `python -m bench.baselines.s3_download` downloads it the way KServe's storage initializer does (boto3 "
         "`Bucket.objects.filter` + `download_file` per object, default transfer settings) to a fresh directory on "
         "the root disk, then the disk server starts on it. The object server is local and its files are in the page "
         "cache after the warm-up round, so this is the best case for the download (no network).",

@@ -1,6 +1,6 @@
 """Where does warmpod's cold start go? The server's startup steps, one after the other in one fresh process, timed.
 
-Run by bench/coldstart_bench.py once per repetition (a fresh interpreter each time, so imports are paid as the server
+Run by bench.coldstart_bench once per repetition (a fresh interpreter each time, so imports are paid as the server
 pays them). It calls the server's own functions in the server's order, but without the event loop and the overlap:
 
   imports     what `warmpod serve` imports before it listens (warmpod.server.cli, warmpod.server.app: aiohttp,
@@ -16,7 +16,7 @@ pays them). It calls the server's own functions in the server's order, but witho
               for comparison: a fresh mapping of the same version, built on and run once without populating first,
               so every 4 KiB page faults during that forward
 
-    python bench/coldstart_probe.py STORE MODEL
+    python -m bench.coldstart_probe STORE MODEL
 
 Prints one JSON object: {"t_main": ..., "steps": {name: seconds}} where t_main is time.monotonic() at the first line
 of this script (CLOCK_MONOTONIC is system-wide, so the caller subtracts its own spawn time to get interpreter start).
@@ -33,9 +33,6 @@ import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TypeVar  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 T = TypeVar("T")
 

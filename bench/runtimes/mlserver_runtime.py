@@ -1,9 +1,11 @@
-"""MLServer custom runtime for bench/serve_bench.py: warmpod's own model code (warmpod.server.families) behind
+"""MLServer custom runtime for bench.serve_bench: warmpod's own model code (warmpod.server.families) behind
 MLServer's API.
 
-model-settings.json (written by the bench) names this class as `implementation`, the model as `name` (also its name in
-the store) and the store root as `parameters.uri`. With adaptive batching on, MLServer merges queued requests into
-one InferenceRequest (the "text" inputs concatenated) and splits the flat "embedding" output back by rows.
+model-settings.json (written by the bench) names this class as `implementation`
+(`bench.runtimes.mlserver_runtime.MiniLMRuntime`, importable as the checkout is on PYTHONPATH), the model as `name`
+(also its name in the store) and the store root as `parameters.uri`. With adaptive batching on, MLServer merges
+queued requests into one InferenceRequest (the "text" inputs concatenated) and splits the flat "embedding" output
+back by rows.
 """
 
 from __future__ import annotations
