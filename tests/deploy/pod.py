@@ -32,7 +32,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from tests.deploy.dockerfile import Stage, final_stage
 from tests.kit.procs import ChildProcess, signal_group
@@ -445,78 +445,48 @@ def isolation_problem(timeout: float = 30) -> str | None:
     return None
 
 
-class PodProcess:
-    """One container of the pod as a running process (tests.kit.procs.ChildProcess): its own process group, logs to
+class PodProcess(ChildProcess):
+    """One container of the pod as a running process (a tests.kit ChildProcess): its own process group, logs to
     `log_path`, killed by the kernel if the test process dies. `start` again after it exited is the kubelet's restart;
     the log keeps every run."""
 
     def __init__(self, spec: ContainerProcess, log_path: Path, *, isolate: bool) -> None:
-        self.spec, self.log_path, self.isolate = spec, log_path, isolate
-        self.child: ChildProcess | None = None
+        launch_spec = {
+            "argv": list(spec.argv),
+            "workdir": spec.workdir,
+            "mounts": [{"path": m.path, "read_only": m.read_only} for m in spec.mounts],
+            "read_only_root": spec.read_only_root,
+            "isolate": isolate,
+        }
+        super().__init__([sys.executable, "-m", "tests.deploy.pod", "launch", json.dumps(launch_spec)],
+                         name=spec.name, log_path=log_path, env=dict(spec.env),
+                         cwd=REPO,  # for `-m tests.deploy.pod`; the launcher then enters the container's workdir
+                         own_group=True)  # fmt: skip
+        self.spec, self.isolate = spec, isolate
         self.starts = 0
 
-    def start(self) -> PodProcess:
+    def start(self, timeout: float = 0) -> Self:
+        """Spawn the container's process (no readiness here: the test probes it as the kubelet would)."""
         if self.running:
             raise RuntimeError(f"{self.spec.name} is already running")
-        launch_spec = {
-            "argv": list(self.spec.argv),
-            "workdir": self.spec.workdir,
-            "mounts": [{"path": m.path, "read_only": m.read_only} for m in self.spec.mounts],
-            "read_only_root": self.spec.read_only_root,
-            "isolate": self.isolate,
-        }
+        assert self.log_path is not None
         self.starts += 1
         with open(self.log_path, "ab") as log:
             log.write(f"----- {self.spec.name}: start {self.starts}: {' '.join(self.spec.argv)}\n".encode())
-        self.child = ChildProcess(
-            [sys.executable, "-m", "tests.deploy.pod", "launch", json.dumps(launch_spec)],
-            name=self.spec.name,
-            log_path=self.log_path,
-            env=dict(self.spec.env),
-            cwd=REPO,  # for `-m tests.deploy.pod`; the launcher then enters the container's workdir
-            own_group=True,  # a SIGKILL takes the whole container
-        ).spawn()
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.child is not None, f"{self.spec.name} was never started"
-        return self.child.pid
-
-    @property
-    def running(self) -> bool:
-        return self.child is not None and self.child.running
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self.child is None else self.child.returncode
-
-    def signal(self, sig: int) -> None:
-        """What the runtime sends on a stop: the signal to the container's main process."""
-        assert self.child is not None
-        self.child.signal(sig)
+        return self.spawn()
 
     def kill_group(self) -> None:
         """SIGKILL to every process of the container (its process group), as a runtime kills a container."""
-        if self.child is not None and self.child.proc is not None:
-            signal_group(self.child.proc, signal.SIGKILL)
+        if self.proc is not None:
+            signal_group(self.proc, signal.SIGKILL)
 
-    def wait(self, timeout: float) -> int:
-        assert self.child is not None
-        return self.child.wait(timeout)
-
-    def stop(self) -> None:
+    def stop(self) -> int | None:
         """Teardown: kill whatever is left, never raising."""
         self.kill_group()
-        if self.child is not None:
+        if self.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.child.wait(10)
-
-    def log(self) -> str:
-        return self.child.log() if self.child is not None else ""
-
-    def log_tail(self, max_chars: int = 6000) -> str:
-        return f"----- log of {self.spec.name} ({self.log_path}) -----\n{self.log()[-max_chars:]}"
+                return self.wait(10)
+        return None
 
     def mount_namespace(self) -> str:
         return os.readlink(f"/proc/{self.pid}/ns/mnt")

