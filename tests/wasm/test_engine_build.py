@@ -160,7 +160,7 @@ def test_check_wasm_accepts_the_committed_module_and_refuses_a_modified_one(tmp_
 
 
 def _linear_stack(rng: np.random.Generator, sizes: Sequence[int]) -> list[np.ndarray]:
-    """modelgen's MLP weights, as the list of tensors the engine's kind-1 layout takes (weight, bias, ...)."""
+    """The kit's MLP weights, as the list of tensors the engine's kind-1 layout takes (weight, bias, ...)."""
     return list(mlp_tensors(sizes, rng).values())
 
 
