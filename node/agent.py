@@ -484,7 +484,20 @@ class NodeAgent:
     async def stage(self, entry: CatalogEntry, *, origin_digest: str) -> LoadResult:
         """Fetch the model and publish it as a version with the origin's identity: the one seam where the peers are
         asked first (warmpod.node.peers), the origin otherwise. Raises the loader's errors."""
-        return await self.load_from_origin(entry)
+        if not self.config.peers or self.config.peer_token_file is None:
+            return await self.load_from_origin(entry)
+        from warmpod.node.peers import load_with_peers, read_token
+
+        loaded = await load_with_peers(
+            self.load_request(entry),
+            list(self.config.peers),
+            read_token(self.config.peer_token_file),
+            self.load_events(),
+            origin_digest=origin_digest,
+        )
+        self.log("staged", model=entry.name, peer=loaded.peer, peer_bytes=loaded.peer_bytes,
+                 origin_bytes=loaded.origin_bytes, peer_error=loaded.peer_error, misses=loaded.misses)  # fmt: skip
+        return loaded.result
 
     async def load_from_origin(self, entry: CatalogEntry) -> LoadResult:
         return await load(self.load_request(entry), self.load_events())
@@ -498,6 +511,7 @@ class NodeAgent:
             sha256=dict(entry.sha256),
             keep=KEEP_ALL,
             cgroup_root=self.config.cgroup_root,
+            record_sha256=True,  # every file's digest in the manifest: what a peer checks a copy of this version by
         )
 
     def load_events(self) -> LoadEvents:

@@ -37,7 +37,7 @@ from warmpod.node.mounts import bind_read_only, is_mount_point, unmount
 
 log = logging.getLogger("warmpod.node.csi")
 
-DRIVER_NAME = "warmpod.dev/node"
+DRIVER_NAME = "node.warmpod.dev"
 # volume_context keys: ours, and those the kubelet adds (the CSIDriver's podInfoOnMount: true).
 MODEL_KEY = "model"
 EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.cliutil import REPO
-from tests.modelgen import write_mlp_dir
-from tests.servers import free_port, wait_until
+from tests.kit.models import write_mlp
+from tests.kit.procs import free_port, wait_until
+from tests.kit.warmpod import REPO
 
 pytestmark = pytest.mark.process
 
@@ -133,7 +133,7 @@ def test_warmpod_up_serves_from_a_directory_that_shadows_its_modules(
     venv: tuple[Path, set[str], set[str]], shadowed: Path, tmp_path: Path
 ) -> None:
     python = venv[0]
-    model = write_mlp_dir(tmp_path / "iris")
+    model = write_mlp(tmp_path / "iris")
     port = free_port()
     argv = [str(python.parent / "warmpod"), "up", str(model), "--model", "iris", "--store", str(tmp_path / "store"),
             "--port", str(port), "--max-replicas", "1"]  # fmt: skip

@@ -155,11 +155,6 @@ def test_the_csi_driver_name_is_one_the_api_server_accepts() -> None:
 
 
 @pytest.mark.unit
-@pytest.mark.xfail(
-    strict=True,
-    reason="warmpod.node.csi.DRIVER_NAME is 'warmpod.dev/node', which the API server refuses as a CSI driver name; "
-    "the manifests use node.warmpod.dev until the agent announces it (then this passes: drop the xfail)",
-)
 def test_the_agent_announces_the_manifests_driver_name() -> None:
     """The kubelet registers the plugin under the name its GetPluginInfo answers: it must be the CSIDriver's and
     the pods' `csi.driver`."""

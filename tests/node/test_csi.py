@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.process, pytest.mark.timeout(60)]
 
 def test_identity_names_the_driver_and_is_ready(csi_node: CsiNode) -> None:
     info = csi_node.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest())
-    assert (info.name, info.vendor_version) == ("warmpod.dev/node", "0.0.0-test")
+    assert (info.name, info.vendor_version) == ("node.warmpod.dev", "0.0.0-test")
     capabilities = csi_node.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest())
     assert list(capabilities.capabilities) == []  # a node plugin only: no controller service
     probe = csi_node.identity.Probe(csi_pb2.ProbeRequest())

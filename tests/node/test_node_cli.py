@@ -181,7 +181,7 @@ def test_health_readiness_metrics_csi_and_sigterm(tmp_path: Path, nodes: list[No
             identity = csi_pb2_grpc.IdentityStub(channel)  # type: ignore[no-untyped-call]
             info = node_stub.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10)
             plugin = identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=10)
-        assert (info.node_id, plugin.name) == ("node-7", "warmpod.dev/node")
+        assert (info.node_id, plugin.name) == ("node-7", "node.warmpod.dev")
 
         node.signal(15)
         assert node.wait(30) == 0
