@@ -24,7 +24,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from warmpod.cliargs import positive, size_arg
+from warmpod.cliargs import port_number, positive, size_arg
 from warmpod.errors import UsageError, WarmpodError
 from warmpod.node.agent import NodeAgent, NodeConfig, create_app, json_log
 from warmpod.node.catalog import read_catalog
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", type=positive(float, 0.001), metavar="SECONDS",
                    help="poll the sources of staged models every SECONDS and publish new versions")  # fmt: skip
     p.add_argument("--host", default="0.0.0.0", help="address of the HTTP port (default 0.0.0.0: peers reach it)")
-    p.add_argument("--port", type=_port, default=DEFAULT_PORT,
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                    help=f"HTTP port: /healthz, /ready, /metrics, peers (default {DEFAULT_PORT})")  # fmt: skip
     p.add_argument("--csi-socket", type=Path, metavar="PATH", help="serve the CSI node plugin on this unix socket")
     p.add_argument("--kubelet-dir", type=Path, default=Path("/var/lib/kubelet"), metavar="DIR",
@@ -68,16 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-token-file", type=Path, metavar="PATH",
                    help="the peers' shared token (a Secret's file): sent to peers and required from them")  # fmt: skip
     return p
-
-
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= port < 65536:
-        raise argparse.ArgumentTypeError(f"must be in 0-65535 (0: any free port), got {port}")
-    return port
 
 
 def parse_config(args: argparse.Namespace) -> NodeConfig:

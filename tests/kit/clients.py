@@ -9,9 +9,23 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import aiohttp
+
+
+@contextmanager
+def open_triton(host_port: str) -> Iterator[Any]:
+    """tritonclient.http's client for a server at HOST:PORT (30 s timeouts), closed afterwards."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=host_port, connection_timeout=30, network_timeout=30)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,

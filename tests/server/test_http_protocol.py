@@ -17,7 +17,7 @@ import tritonclient.http as httpclient
 import tritonclient.http.aio as aio_httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.kit.clients import http, post_json
+from tests.kit.clients import http, open_triton, post_json
 from tests.kit.metrics import Scrape
 from tests.kit.models import mlp_reference, write_mlp
 from tests.kit.warmpod import WarmpodServer, stage
@@ -62,11 +62,8 @@ def batching_server(workdir: Path, mlp_src: Path) -> Iterator[WarmpodServer]:
 
 @pytest.fixture(scope="module")
 def client(server: WarmpodServer) -> Iterator[httpclient.InferenceServerClient]:
-    triton = httpclient.InferenceServerClient(url=server.host_port, connection_timeout=30, network_timeout=30)
-    try:
+    with open_triton(server.host_port) as triton:
         yield triton
-    finally:
-        triton.close()
 
 
 def infer_body(x: np.ndarray | list[Any], **extra: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.kit.clients import http, post_json
+from tests.kit.clients import http, open_triton, post_json
 from tests.kit.metrics import Scrape
 from tests.kit.models import write_mlp
 from tests.kit.warmpod import WarmpodServer, stage
@@ -51,11 +51,8 @@ def server(workdir: Path, mlp_src: Path) -> Iterator[WarmpodServer]:
 
 @pytest.fixture(scope="module")
 def client(server: WarmpodServer) -> Iterator[httpclient.InferenceServerClient]:
-    triton = httpclient.InferenceServerClient(url=server.host_port, connection_timeout=30, network_timeout=30)
-    try:
+    with open_triton(server.host_port) as triton:
         yield triton
-    finally:
-        triton.close()
 
 
 @pytest.fixture(scope="module")
