@@ -111,6 +111,7 @@ def test_proxy_is_transparent_and_counts(served: RangeHTTPServer, fault_proxy: C
     stats = proxy.stats()
     assert stats.ranged_gets == 1 and stats.faults_injected == 0
     assert stats.total == stats.gets == proxy.requests.count() == served.requests.count()
+    assert proxy.requests.records()[-1].body_bytes == 5  # the body it sent back, counted as it went
     proxy.reset_stats()
     assert proxy.stats().total == 0 and len(proxy.requests) == 0
 
@@ -151,6 +152,7 @@ def test_proxy_reset_gives_client_errors(served: RangeHTTPServer, fault_proxy: C
         with pytest.raises(http.client.IncompleteRead) as info:
             resp.read()
     assert info.value.partial == DATA[:1000]
+    assert proxy.requests.records()[-1].body_bytes == 1000  # what crossed before the drop
 
     proxy.configure(reset_next=1, reset_mode="rst")
     with pytest.raises((ConnectionResetError, http.client.IncompleteRead, urllib.error.URLError)):

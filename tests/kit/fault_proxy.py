@@ -1,5 +1,6 @@
-"""A reverse proxy that injects faults (503s, dropped connections, forced 403/404) and counts requests: put it in
-front of an S3 server or the Range server to see what the loader does when the network misbehaves."""
+"""A reverse proxy that injects faults (503s, dropped connections, forced 403/404) and counts requests and the body
+bytes it sends back: put it in front of an S3 server or the Range server to see what the loader does when the network
+misbehaves, or how much it reads."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, DummyCookieJar, T
 from multidict import CIMultiDict
 from yarl import URL
 
-from tests.kit.threaded_http import ThreadedAiohttpServer
+from tests.kit.threaded_http import RequestRecord, ThreadedAiohttpServer
 
 # Headers that describe one hop of a connection, never forwarded by the proxy.  ``Expect`` is dropped
 # too: the proxy's server side already answered the 100-continue, and SigV4 does not sign it.
@@ -255,18 +256,24 @@ class FaultProxy(ThreadedAiohttpServer):
             await response.prepare(request)
             if decision.kind == "reset":
                 record.fault = "reset"
-                await self._send_partial_and_drop(request, response, upstream, decision)
+                await self._send_partial_and_drop(request, response, upstream, decision, record)
                 return response
             try:
                 async for chunk in upstream.content.iter_chunked(1 << 16):
                     await response.write(chunk)
+                    record.body_bytes += len(chunk)
                 await response.write_eof()
             except (ConnectionResetError, ClientError):  # the client went away, or upstream broke
                 _drop(request, "rst")
         return response
 
     async def _send_partial_and_drop(
-        self, request: web.Request, response: web.StreamResponse, upstream: Any, decision: _Decision
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        upstream: Any,
+        decision: _Decision,
+        record: RequestRecord,
     ) -> None:
         length = upstream.content_length
         budget = decision.reset_after if decision.reset_after is not None else (length or 0) // 2
@@ -278,6 +285,7 @@ class FaultProxy(ThreadedAiohttpServer):
                     break
                 await response.write(chunk)
                 sent += len(chunk)
+                record.body_bytes += len(chunk)
         _drop(request, decision.reset_mode)
 
 

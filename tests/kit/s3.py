@@ -66,10 +66,6 @@ def _env_without_aws() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
 
 
-def _env_without_aws() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-
-
 def _http_status(url: str, *, timeout: float = 2.0) -> int | None:
     """Status of a GET to ``url`` (None if it could not connect); never uses environment proxies."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -22,7 +22,8 @@ from tests.kit.procs import LOOPBACK, ServerStartError
 
 @dataclass
 class RequestRecord:
-    """One request as a server saw it.  ``path`` is URL-decoded; ``status`` is set once answered."""
+    """One request as a server saw it.  ``path`` is URL-decoded; ``status`` is set once answered; ``body_bytes``
+    counts the response body as it is sent (the fault proxy's count of what crossed it)."""
 
     method: str
     path: str
@@ -30,6 +31,7 @@ class RequestRecord:
     range: str | None = None
     status: int | None = None
     fault: Literal["status", "reset", "forced"] | None = None
+    body_bytes: int = 0
 
     @property
     def ranged(self) -> bool:
