@@ -28,7 +28,15 @@ from warmpod.errors import WarmpodError
 from warmpod.pods.policy import PolicyConfig, Snapshot, pod_scale_factor, sample_between, snapshot_from_families
 from warmpod.server import openai_api, openapi, v2
 from warmpod.server.batcher import BatchQueue
-from warmpod.server.errors import BadRequest, NotFound, PayloadTooLarge, ServerError, Unavailable
+from warmpod.server.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    ServerError,
+    TooManyRequests,
+    Unauthorized,
+    Unavailable,
+)
 from warmpod.server.limits import DEFAULT_MAX_ROWS, DEFAULT_MAX_TOKENS, RequestLimits, request_rows
 from warmpod.server.metrics import ServerMetrics, model_totals
 from warmpod.server.model import ServedModel
@@ -389,8 +397,10 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def error_response(request: web.Request, error: ServerError) -> web.Response:
     headers = {}
-    if isinstance(error, Unavailable):
+    if isinstance(error, Unavailable | TooManyRequests):
         headers["Retry-After"] = str(error.retry_after_s)
+    if isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="warmpod"'
     if request.path.startswith("/v1/"):
         kind = "invalid_request_error" if error.status < 500 else "server_error"
         body = openai_api.openai_error_body(str(error), kind, error.reason)

@@ -44,6 +44,24 @@ class Unavailable(ServerError):
         self.retry_after_s = retry_after_s
 
 
+class Unauthorized(ServerError):
+    """No credential, or one the server does not know: 401 with `WWW-Authenticate: Bearer`."""
+
+    status = 401
+    reason = "unauthorized"
+
+
+class TooManyRequests(ServerError):
+    """A tenant over its rate limit: 429 with `Retry-After` (whole seconds until it may send again)."""
+
+    status = 429
+    reason = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class DeadlineExceeded(ServerError):
     status = 504
     reason = "deadline"
