@@ -45,6 +45,11 @@ class Issued:
         )
 
     @property
+    def bundle_pem(self) -> bytes:
+        """The key, then the certificate and its chain, in one file: a `podCertificate` volume's credential bundle."""
+        return self.key_pem + self.cert_pem
+
+    @property
     def fingerprint(self) -> str:
         """SHA-256 of the certificate's DER: what `presented()` returns for a handshake that presents it."""
         return hashlib.sha256(self.cert.public_bytes(serialization.Encoding.DER)).hexdigest()

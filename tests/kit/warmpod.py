@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -116,14 +117,16 @@ class ServerProcess(ChildProcess):
         cwd: Path | None = None,
         own_group: bool = False,
         stop_timeout: float = 30,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(argv, name=name, log_path=log_path, env=env, cwd=cwd, own_group=own_group,
                          stop_timeout=stop_timeout)  # fmt: skip
         self.port = 0
+        self.tls = tls  # a client context for a server run with --tls-cert: url is https, readiness checked over TLS
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def host_port(self) -> str:
@@ -151,7 +154,7 @@ class ServerProcess(ChildProcess):
 
     def ready(self) -> bool:
         try:
-            return http("GET", self.url + "/v2/health/ready", timeout=5)[0] == 200
+            return http("GET", self.url + "/v2/health/ready", timeout=5, context=self.tls)[0] == 200
         except OSError:
             return False
 
@@ -174,16 +177,18 @@ class WarmpodServer(ServerProcess):
         log_dir: Path,
         env: dict[str, str] | None = None,
         command: Sequence[str | Path] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.store, self.model = store, model
         command = command or ("serve", "--model", model, "--store", store)
         log_path = log_dir / f"serve-{model}-{time.monotonic_ns()}.log"
         argv = warmpod_cmd(*command, "--port", "0", *args)
-        super().__init__(argv, log_path=log_path, name="warmpod serve", env=child_env(env))
+        super().__init__(argv, log_path=log_path, name="warmpod serve", env=child_env(env), tls=tls)
 
     @classmethod
-    def edge(cls, bundle: Path, *args: str, log_dir: Path, env: dict[str, str] | None = None) -> WarmpodServer:
+    def edge(cls, bundle: Path, *args: str, log_dir: Path, env: dict[str, str] | None = None,
+             tls: ssl.SSLContext | None = None) -> WarmpodServer:  # fmt: skip
         """`warmpod edge serve BUNDLE_OR_MODEL` instead (same protocol, same handling here)."""
-        server = cls(bundle, bundle.name, *args, log_dir=log_dir, env=env, command=("edge", "serve", bundle))
+        server = cls(bundle, bundle.name, *args, log_dir=log_dir, env=env, command=("edge", "serve", bundle), tls=tls)
         server.name = "warmpod edge serve"
         return server
