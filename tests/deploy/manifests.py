@@ -5,7 +5,6 @@ functions over the rendered documents that return what breaks a warmpod invarian
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import re
 import shutil
@@ -234,8 +233,9 @@ def security_problems(pod: Doc, where: str) -> list[str]:
 
 
 def probe_and_port_problems(pod: Doc, configmaps: Mapping[str, Mapping[str, str]], where: str) -> list[str]:
-    """Every probe's port is a declared port, equal to the --port the process listens on, and its path is a route
-    of that process; the process binds all interfaces (the kubelet probes the pod IP)."""
+    """Every probe's port is a declared port, the --port the process listens on (or the server's --metrics-port, which
+    serves the same routes), and its path is a route of that process; the process binds all interfaces (the kubelet
+    probes the pod IP)."""
     return [p for c in containers(pod).values() for p in container_probe_problems(c, configmaps, where)]
 
 
@@ -258,7 +258,7 @@ def container_probe_problems(c: Container, configmaps: Mapping[str, Mapping[str,
         except PodSpecError as e:
             problems.append(f"{where}: {kind}: {e}")
             continue
-        if port != ns.port:
+        if port not in (ns.port, getattr(ns, "metrics_port", None)):
             problems.append(f"{where}: {c.name} {kind} port {probe['port']} is not the --port {ns.port}")
         if probe["path"] not in routes:
             problems.append(f"{where}: {c.name} {kind} path {probe['path']} is not a route of `warmpod {command}`")
@@ -369,15 +369,19 @@ def wiring_problems(docs: list[Doc], where: str) -> list[str]:
 def pod_problems(docs: list[Doc], where: str, *, node_cache: bool = False) -> list[str]:
     """Everything above, for one rendered kustomization holding a warmpod Deployment (or the edge DaemonSet); the
     node agent's render (it has the CSIDriver) gets `node_problems` instead. `node_cache`: the Deployment's store is
-    the node agent's volume (NODE_CACHE_OVERLAYS), not a loader sidecar's."""
+    the node agent's volume (NODE_CACHE_OVERLAYS), not a loader sidecar's. Every render gets the tenancy rules
+    (tests.deploy.tenancy: network policies, user namespaces, the API-key door, the metrics port, TLS)."""
+    from tests.deploy.tenancy import tenancy_problems
+
     if any(d["kind"] == "CSIDriver" for d in docs):
-        return node_problems(docs, where)
+        return node_problems(docs, where) + tenancy_problems(docs, where)
     workload = next((d for d in docs if d["kind"] in ("Deployment", "DaemonSet")), None)
     if workload is None:
         return [f"{where}: no Deployment or DaemonSet"]
     pod = workload["spec"]["template"]["spec"]
     cms = config_maps(docs)
     problems = security_problems(pod, where) + probe_and_port_problems(pod, cms, where) + wiring_problems(docs, where)
+    problems += tenancy_problems(docs, where)
     if workload["kind"] == "Deployment":
         problems += node_store_problems(pod, cms, where) if node_cache else store_problems(pod, cms, where)
         problems += shutdown_problems(pod, cms, where) if "server" in containers(pod) else []
@@ -394,7 +398,7 @@ _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-
 # The agent's memory besides its tmpfs: the loader's range buffer while it stages (the loader's default, which the
 # agent uses) and the Python process (aiohttp, s3fs/botocore, grpcio).
 AGENT_PROCESS_BYTES = 160 << 20
-# Namespaces whose scrapers may reach the agent's port (for /metrics; the peer routes also need the token).
+# Namespaces whose scrapers may reach the ports a PodMonitor scrapes (the agent's: the peer routes need the token).
 MONITORING_NAMESPACES = frozenset({"monitoring"})
 
 
@@ -721,59 +725,6 @@ def csidriver_problems(docs: list[Doc], where: str) -> list[str]:
     return problems
 
 
-def network_policy_problems(docs: list[Doc], where: str) -> list[str]:
-    """Every Service's pods are selected by a NetworkPolicy admitting, on the Service's target ports, only those
-    same pods and the monitoring namespace: nothing else reaches them."""
-    problems = []
-    workloads = [d for d in docs if d["kind"] in ("Deployment", "DaemonSet")]
-    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
-    for service in (d for d in docs if d["kind"] == "Service"):
-        what, namespace = f"Service/{service['metadata']['name']}", service["metadata"].get("namespace")
-        pods = next((w for w in workloads if selects(service["spec"].get("selector", {}),
-                                                       w["spec"]["template"]["metadata"]["labels"])), None)  # fmt: skip
-        if pods is None:
-            continue  # wiring_problems says so
-        labels, spec = pods["spec"]["template"]["metadata"]["labels"], pods["spec"]["template"]["spec"]
-        guarding = [p for p in policies if p["metadata"].get("namespace") == namespace
-                    and selects(p["spec"]["podSelector"].get("matchLabels", {}), labels)
-                    and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]  # fmt: skip
-        if not guarding:
-            problems.append(f"{where}: {what}: no NetworkPolicy selects its pods")
-            continue
-        admitted: set[int] = set()
-        for policy in guarding:
-            name = f"NetworkPolicy/{policy['metadata']['name']}"
-            for rule in policy["spec"].get("ingress", []):
-                if not rule.get("from"):
-                    problems.append(f"{where}: {name} admits every source")
-                if not rule.get("ports"):
-                    problems.append(f"{where}: {name} admits every port")
-                for peer in rule.get("from", []):
-                    ns_labels = peer.get("namespaceSelector", {}).get("matchLabels")
-                    same_pods = "namespaceSelector" not in peer and selects(
-                        peer.get("podSelector", {}).get("matchLabels", {}), labels
-                    )
-                    monitoring = (
-                        set(peer) == {"namespaceSelector"}
-                        and (ns_labels or {}).get("kubernetes.io/metadata.name") in MONITORING_NAMESPACES
-                    )
-                    if not (same_pods or monitoring):
-                        problems.append(f"{where}: {name} admits {peer}: only its own pods and monitoring may")
-                for port in rule.get("ports", []):
-                    for c in containers(spec).values():
-                        with contextlib.suppress(PodSpecError):
-                            admitted.add(container_port(c.spec, port["port"]))
-        for port in service["spec"]["ports"]:
-            target = port.get("targetPort", port["port"])
-            numbers = set()
-            for c in containers(spec).values():
-                with contextlib.suppress(PodSpecError):
-                    numbers.add(container_port(c.spec, target))
-            if not numbers & admitted:
-                problems.append(f"{where}: {what} port {port['port']} is not admitted by its NetworkPolicy")
-    return problems
-
-
 def node_problems(docs: list[Doc], where: str) -> list[str]:
     """Every invariant of the node agent's render (deploy/node)."""
     try:
@@ -789,7 +740,6 @@ def node_problems(docs: list[Doc], where: str) -> list[str]:
         + peer_problems(docs, node, where)
         + catalog_problems(docs, node, where)
         + csidriver_problems(docs, where)
-        + network_policy_problems(docs, where)
         + wiring_problems(docs, where)
     )
 

@@ -42,7 +42,7 @@ def rendered() -> dict[str, list[Doc]]:
 def test_every_overlay_is_rendered() -> None:
     """The list the other tests walk is the tree: a new overlay cannot be added untested."""
     assert set(RENDERABLE) == {
-        "base", "s3", "s3-compatible", "pvc", "image-volume", "hpa", "keda", "edge", "node-cache", "node"
+        "base", "s3", "s3-compatible", "pvc", "image-volume", "hpa", "keda", "edge", "node-cache", "node", "tls"
     }  # fmt: skip
     assert set(RENDERABLE) >= NODE_CACHE_OVERLAYS
 
@@ -77,7 +77,7 @@ def test_a_source_and_an_autoscaler_compose(tmp_path: Path) -> None:
 
 
 def test_namespaces_enforce_the_restricted_pod_security_profile(rendered: dict[str, list[Doc]]) -> None:
-    for name in ("base", "edge", "node-cache"):
+    for name in ("base", "edge", "node-cache", "tls"):
         labels = find(rendered[name], "Namespace")["metadata"]["labels"]
         assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
 
@@ -140,7 +140,7 @@ def test_the_node_cache_overlay_is_the_base_without_its_loader(rendered: dict[st
     limits = [c["resources"]["limits"]["memory"] for c in cache["containers"]]
     assert limits == [base_server["resources"]["limits"]["memory"]]
     monitor = find(rendered["node-cache"], "PodMonitor")["spec"]["podMetricsEndpoints"]
-    assert [e["port"] for e in monitor] == ["http"]
+    assert [e["port"] for e in monitor] == ["metrics"]
     assert find(rendered["node-cache"], "ConfigMap")["data"] == {"WARMPOD_MODEL": "all-MiniLM-L6-v2"}
     assert node_cache_problems(rendered["node"], rendered["node-cache"], "node+node-cache") == []
 
@@ -244,8 +244,8 @@ MISTAKES: dict[str, tuple[Callable[[list[Doc]], None], str]] = {
         "server livenessProbe port 9999 is not the --port 8080",
     ),
     "probe on an undeclared port name": (
-        lambda d: _server(d)["readinessProbe"]["httpGet"].update(port="metrics"),
-        "readinessProbe: container server: no port named 'metrics'",
+        lambda d: _server(d)["readinessProbe"]["httpGet"].update(port="admin"),
+        "readinessProbe: container server: no port named 'admin'",
     ),
     "process listens elsewhere": (
         lambda d: _set_arg(_server(d), "--port", "9000"),
@@ -317,7 +317,7 @@ def test_crd_validation_rejects_a_wrong_type(rendered: dict[str, list[Doc]]) -> 
     ]
 
 
-@pytest.mark.parametrize("name", ["base", "pvc", "image-volume", "edge", "node-cache", "node"])
+@pytest.mark.parametrize("name", ["base", "pvc", "image-volume", "edge", "node-cache", "node", "tls"])
 def test_containers_run_as_their_image_user_and_write_only_its_volumes(
     rendered: dict[str, list[Doc]], name: str
 ) -> None:
@@ -567,7 +567,8 @@ NODE_MISTAKES: dict[str, tuple[Callable[[list[Doc]], None], str]] = {
     ),
     "NetworkPolicy open to another namespace": (
         lambda d: _peer_rule(d)["from"].append({"namespaceSelector": {}}),
-        "admits {'namespaceSelector': {}}: only its own pods and monitoring may",
+        "admits {'namespaceSelector': {}}: only clients (pods labelled {'warmpod.dev/client': 'true'}), its own pods "
+        "and monitoring may",
     ),
     "NetworkPolicy on another port": (
         lambda d: _admit_only_port(d, 9000),
