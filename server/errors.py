@@ -49,6 +49,7 @@ class Unauthorized(ServerError):
 
     status = 401
     reason = "unauthorized"
+    challenge = 'Bearer realm="warmpod"'  # the WWW-Authenticate header; the door adds RFC 6750's error="..." code
 
 
 class TooManyRequests(ServerError):
