@@ -3,7 +3,8 @@ and the images' Dockerfiles (tests/deploy/pod.py), sharing one store directory a
 the weights on SeaweedFS (moto's S3 server where `weed` is missing) behind a request-counting proxy.
 One pod lifecycle proves, in order:
 
-1. the server becomes ready after the sidecar publishes, and serves the model (tritonclient);
+1. the server becomes ready after the sidecar publishes, and serves the model (tritonclient) to a client with a key
+   of the API-key Secret (a file where the manifest mounts it), 401 without one; /metrics on the metrics port only;
 2. a SIGKILLed server restarted with the identical command is ready again in seconds, with no object GET at all;
 3. a new version uploaded to the bucket is published by the watching sidecar and hot-swapped by the server with
    zero failed requests under a bounded load, the outputs changing to the new weights' outputs;
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -73,6 +75,8 @@ MINILM = minilm_dir()
 SENTENCE = "warm pods start fast"
 LOOPBACK = "127.0.0.1"
 WATCH_S = "1"  # the sidecar's poll period here (30 s in the manifest): a new upload is seen within a second
+TENANT = "pod-test"  # the one tenant of the API-key Secret made here
+KEY_SECRET = "warmpod-api-keys"  # the Secret you create; its file `keys` is the server's --api-key-file
 
 # Bounds, not goals: each wait ends at a fixed monotonic deadline and fails with both containers' logs.
 FIRST_READY_S = 120  # torch import + streaming 88 MiB + building the model, on a slow CI machine
@@ -266,7 +270,9 @@ class Pod:
     model: str
     store: Path  # the store volume's directory: ROOT of the store
     server_port: int
+    metrics_port: int  # the server's --metrics-port: /metrics and health without a key
     loader_port: int
+    api_key: str  # the Secret's key for TENANT
     ready_path: str  # the server's readinessProbe: its path and timeout
     ready_timeout: float
     proxy: FaultProxy
@@ -281,8 +287,17 @@ class Pod:
         return f"http://{LOOPBACK}:{self.server_port}"
 
     @property
+    def metrics_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.metrics_port}"
+
+    @property
     def loader_url(self) -> str:
         return f"http://{LOOPBACK}:{self.loader_port}"
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """What a client of the pod sends: the Secret's key, as openai and tritonclient send it."""
+        return {"Authorization": f"Bearer {self.api_key}"}
 
     @property
     def containers(self) -> dict[str, dict[str, Any]]:
@@ -311,7 +326,7 @@ class Pod:
         return f"{self.loader.log_tail()}\n{self.server.log_tail()}"
 
     def metadata(self) -> dict[str, Any]:
-        status, _, body = http("GET", f"{self.server_url}/v2/models/{self.model}", timeout=5)
+        status, _, body = http("GET", f"{self.server_url}/v2/models/{self.model}", headers=self.auth, timeout=5)
         assert status == 200, body
         out: dict[str, Any] = json.loads(body)
         return out
@@ -376,15 +391,25 @@ def _localized_pod(object_store: S3Server, work: Path, cleanup: contextlib.ExitS
     secret_refs = [s["secretRef"]["name"] for s in loader_c.get("envFrom", []) if "secretRef" in s]
     assert len(secret_refs) == 1, secret_refs
     keys = {"AWS_ACCESS_KEY_ID": object_store.access_key, "AWS_SECRET_ACCESS_KEY": object_store.secret_key}
-    secrets = {secret_refs[0]: keys}
+    envs = {secret_refs[0]: keys}
 
-    # Substitution: each volume -> a directory made here; the store emptyDir (medium: Memory) on /dev/shm.
+    # The API-key Secret the user creates (not in the render): one TENANT:KEY line under the key `keys`, as
+    # `kubectl create secret generic warmpod-api-keys --from-file=keys=...` makes it.
+    api_key = secrets.token_urlsafe(24)
+    secret_files = {KEY_SECRET: {"keys": f"{TENANT}:{api_key}\n"}}
+
+    # Substitution: each volume -> a directory made here; the store emptyDir (medium: Memory) on /dev/shm, a Secret's
+    # directory holding its files (as the kubelet writes them).
     directories: dict[str, Path] = {}
     for volume in manifest["volumes"]:
-        assert "emptyDir" in volume, f"only emptyDirs are run here: {volume}"
-        memory = volume["emptyDir"].get("medium") == "Memory"
+        assert {"emptyDir", "secret"} & set(volume), f"only emptyDirs and Secrets are run here: {volume}"
+        memory = volume.get("emptyDir", {}).get("medium") == "Memory"
         made = Path(tempfile.mkdtemp(prefix=f"warmpod-pod-{volume['name']}-", dir="/dev/shm" if memory else work))
         cleanup.callback(shutil.rmtree, made, ignore_errors=True)  # /dev/shm is memory
+        if "secret" in volume:
+            for name, text in secret_files[volume["secret"]["secretName"]].items():
+                (made / name).write_text(text, encoding="utf-8")
+                (made / name).chmod(0o400)
         directories[volume["name"]] = made
 
     # PATH: this machine's, with the directory of this interpreter's console scripts first, so the image's
@@ -395,15 +420,19 @@ def _localized_pod(object_store: S3Server, work: Path, cleanup: contextlib.ExitS
     ports: dict[tuple[str, int], int] = {}  # (container, containerPort) -> the port it listens on here
 
     def localized(container: dict[str, Any]) -> ContainerProcess:
-        process = relocate(container_process(container, image_stage(container), cms, secrets, path=path), directories)
+        process = relocate(container_process(container, image_stage(container), cms, envs, path=path), directories)
         argv = process.argv
         declared = [int(p["containerPort"]) for p in container.get("ports", [])]
         for number, free in zip(declared, free_ports(len(declared)), strict=True):
             # Substitution: the manifest's port numbers -> free ports (the pod's network namespace is this host's).
             ports[container["name"], number] = free
             argv = replace_arg(argv, str(number), str(free))
-        # Substitution: listen on loopback instead of all interfaces: test traffic stays on this machine.
-        argv = replace_arg(argv, "0.0.0.0", LOOPBACK)
+        # Substitution: listen on loopback instead of all interfaces (the serving and the metrics sites): test traffic
+        # stays on this machine.
+        for flag in ("--host", "--metrics-host"):
+            if flag in argv:
+                argv = replace_flag_value(argv, flag, LOOPBACK)
+        assert "0.0.0.0" not in argv, argv
         env = dict(process.env)
         for mount in process.mounts:
             if _mount_path(container, mount.volume) == "/tmp":
@@ -433,6 +462,8 @@ def _localized_pod(object_store: S3Server, work: Path, cleanup: contextlib.ExitS
         model=model,
         store=store,
         server_port=ports[server_c["name"], container_port(server_c, readiness["port"])],
+        metrics_port=ports[server_c["name"], int(flag_value(server_c["args"], "--metrics-port"))],
+        api_key=api_key,
         loader_port=ports[loader_c["name"], container_port(loader_c, loader_http)],
         ready_path=readiness["path"],
         ready_timeout=float(server_c["readinessProbe"].get("timeoutSeconds", 1)),  # Kubernetes' default: 1 s
@@ -474,7 +505,7 @@ def infer(pod: Pod) -> tuple[np.ndarray, str]:
     text = triton.InferInput("text", [1], "BYTES")
     text.set_data_from_numpy(np.array([SENTENCE.encode()], dtype=object))
     with triton.InferenceServerClient(f"{LOOPBACK}:{pod.server_port}", network_timeout=60) as client:
-        result = client.infer(pod.model, [text])
+        result = client.infer(pod.model, [text], headers=pod.auth)
     embedding = result.as_numpy("embedding")
     assert embedding is not None and embedding.shape == (1, 384)
     return embedding, str(result.get_response()["model_version"])
@@ -485,7 +516,7 @@ def infer_payload(texts: list[str]) -> dict[str, Any]:
 
 
 def inflight(pod: Pod) -> float:
-    return Scrape(pod.server_url).value("warmpod_inflight_requests", model=pod.model) or 0.0
+    return Scrape(pod.metrics_url).value("warmpod_inflight_requests", model=pod.model) or 0.0
 
 
 def events(process: PodProcess) -> list[dict[str, Any]]:
@@ -555,10 +586,31 @@ def phase_1_ready_after_the_sidecar_publishes(pod: Pod) -> np.ndarray:
 
     metadata = pod.metadata()
     assert metadata["name"] == pod.model and metadata["versions"] == ["1"]
+    the_door_is_the_secrets(pod)
     embedding, version = infer(pod)
     assert version == "1"
     assert abs(float(np.linalg.norm(embedding)) - 1) < 1e-4  # MiniLM's Normalize module ran
     return embedding
+
+
+def the_door_is_the_secrets(pod: Pod) -> None:
+    """The server binds beyond loopback, so it runs with the Secret's keys: inference without a key or with another
+    is 401 (its body says what to send), the probes' routes answer without one, and /metrics answers on the metrics
+    port only (the serving port wants the key for it too)."""
+    url = f"{pod.server_url}/v2/models/{pod.model}/infer"
+    body = json.dumps(infer_payload([SENTENCE])).encode()
+    for headers in ({}, {"Authorization": f"Bearer {secrets.token_urlsafe(24)}"}):
+        status, answer_headers, answer = http("POST", url, body, {"Content-Type": "application/json", **headers})
+        assert status == 401, answer
+        assert answer_headers["WWW-Authenticate"].startswith('Bearer realm="warmpod"'), answer_headers
+        assert "Authorization: Bearer" in json.loads(answer)["error"], answer
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        path = pod.containers[pod.server.spec.name][probe]["httpGet"]["path"]
+        assert http("GET", pod.server_url + path, timeout=5)[0] == 200, path
+    assert http("GET", pod.server_url + "/metrics", timeout=5)[0] == 401
+    status, _, page = http("GET", pod.metrics_url + "/metrics", timeout=5)
+    assert status == 200 and b"warmpod_" in page
+    assert pod.api_key not in pod.server.log()  # the key file's contents never reach the log
 
 
 def phase_2_restarted_server_is_ready_in_seconds_without_a_download(pod: Pod, v1: np.ndarray) -> None:
@@ -594,7 +646,9 @@ def phase_2_restarted_server_is_ready_in_seconds_without_a_download(pod: Pod, v1
 def phase_3_new_version_hot_swapped_under_load(pod: Pod, v1: np.ndarray) -> None:
     gets_before = pod.object_gets()
     url = f"{pod.server_url}/v2/models/{pod.model}/infer"
-    load = LoadThread(url, infer_payload([SENTENCE]), workers=2, max_requests=20000, max_seconds=SWAP_S).start()
+    load = LoadThread(
+        url, infer_payload([SENTENCE]), workers=2, max_requests=20000, max_seconds=SWAP_S, headers=pod.auth
+    ).start()
     try:
         wait_until(lambda: len(load.results) >= 10, timeout=30, what="the load to get going", diagnostics=pod.logs)
         uploaded_at = time.monotonic()
@@ -647,7 +701,9 @@ def phase_4_termination_in_pod_order(pod: Pod) -> None:
 
     # preStop: the kubelet sleeps while endpoints stop sending traffic; the server still serves all of it.
     url = f"{pod.server_url}/v2/models/{pod.model}/infer"
-    load = LoadThread(url, infer_payload([SENTENCE]), workers=1, max_requests=20000, max_seconds=pre_stop).start()
+    load = LoadThread(
+        url, infer_payload([SENTENCE]), workers=1, max_requests=20000, max_seconds=pre_stop, headers=pod.auth
+    ).start()
     results = load.wait()  # the load runs for the preStop's seconds
     assert results and {r[2] for r in results} == {200}, [r[2] for r in results if r[2] != 200][:5]
     print(f"preStop sleep {pre_stop:g} s: {len(results)} requests, all 200")
@@ -658,7 +714,7 @@ def phase_4_termination_in_pod_order(pod: Pod) -> None:
 
     def send() -> None:
         try:
-            answer["status"], answer["body"] = post_json(url, infer_payload(long_texts), timeout=60)
+            answer["status"], answer["body"] = post_json(url, infer_payload(long_texts), timeout=60, headers=pod.auth)
         except BaseException as e:  # surfaced by the assertion below
             answer["error"] = repr(e)
 

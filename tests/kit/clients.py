@@ -41,23 +41,29 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict[str, st
         return e.code, dict(e.headers), e.read()
 
 
-def post_json(url: str, payload: Any, timeout: float = 30) -> tuple[int, dict[str, Any]]:
-    status, _, body = http("POST", url, json.dumps(payload).encode(), {"Content-Type": "application/json"}, timeout)
+def post_json(
+    url: str, payload: Any, timeout: float = 30, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """A JSON POST (with `headers` too: an API key's Authorization) and its parsed JSON answer."""
+    sent = {"Content-Type": "application/json", **(headers or {})}
+    status, _, body = http("POST", url, json.dumps(payload).encode(), sent, timeout)
     return status, json.loads(body)
 
 
 class LoadThread:
     """A bounded closed-loop load on one URL from a background thread: `workers` clients, each sending the same
     JSON body on a new connection (so SO_REUSEPORT spreads them over the servers sharing a port), pausing `pause_s`
-    between requests, until `stop()`, `max_requests` in total, or `max_seconds`. Every outcome is kept in `results` as
+    between requests, until `stop()`, `max_requests` in total, or `max_seconds`; `headers` go with every request (an
+    API key's Authorization). Every outcome is kept in `results` as
     (monotonic time sent, monotonic time answered, status or exception name, parsed JSON body or None,
     response headers).
     """
 
     def __init__(self, url: str, payload: Any, *, workers: int = 4, max_requests: int = 2000,
                  max_seconds: float = 60, stop_on_status: int | None = None, method: str = "POST",
-                 pause_s: float = 0.0) -> None:  # fmt: skip
+                 pause_s: float = 0.0, headers: dict[str, str] | None = None) -> None:  # fmt: skip
         self.url, self.body = url, json.dumps(payload).encode()
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
         self.workers, self.max_requests, self.max_seconds = workers, max_requests, max_seconds
         self.stop_on_status, self.method, self.pause_s = stop_on_status, method, pause_s
         self.results: list[tuple[float, float, int | str, Any, dict[str, str]]] = []
@@ -92,9 +98,7 @@ class LoadThread:
                     sent = time.monotonic()
                     try:
                         body_or_none = self.body if self.method == "POST" else None
-                        async with session.request(
-                            self.method, self.url, data=body_or_none, headers={"Content-Type": "application/json"}
-                        ) as r:
+                        async with session.request(self.method, self.url, data=body_or_none, headers=self.headers) as r:
                             body = await r.read()
                             status: int | str = r.status
                             parsed = json.loads(body) if body.startswith(b"{") else None
