@@ -17,6 +17,7 @@ certificate (half-written, mismatched, expired) keeps the old one, logs why and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import os
@@ -266,13 +267,10 @@ class ServerTls:
     @classmethod
     def load(cls, files: TlsFiles, now: datetime.datetime | None = None) -> ServerTls:
         """Checked and loaded, or TlsError (the server exits 2)."""
-        for attempt in range(START_ATTEMPTS):
-            try:
+        for _ in range(START_ATTEMPTS):
+            with contextlib.suppress(FilesChanging):
                 return cls(files, load_context(files, now or _utcnow()))
-            except FilesChanging:
-                if attempt == START_ATTEMPTS - 1:
-                    raise TlsError(f"--tls-cert {files.cert}: the files kept changing while being read") from None
-        raise AssertionError("unreachable")
+        raise TlsError(f"--tls-cert {files.cert}: the files kept changing while being read; try again")
 
     def _select(self, sslobj: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
         if sslobj.context is not self.current.context:
