@@ -27,14 +27,13 @@ from tests.deploy.manifests import (
     MONITORING_NAMESPACES,
     Container,
     Doc,
-    config_maps,
     container_args,
     containers,
     mount_at,
     parse_command,
     selects,
 )
-from tests.deploy.pod import PodSpecError, container_port
+from tests.deploy.pod import PodSpecError, config_maps, container_port
 
 # The label a pod carries to be admitted to the serving ports (deploy/*/networkpolicy.yaml, docs/kubernetes.md).
 CLIENT_LABEL = {"warmpod.dev/client": "true"}
@@ -71,7 +70,8 @@ class Workload:
 
     @property
     def namespace(self) -> str | None:
-        return self.doc["metadata"].get("namespace")
+        namespace = self.doc["metadata"].get("namespace")
+        return None if namespace is None else str(namespace)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -176,8 +176,10 @@ def _peer_kind(peer: Doc, labels: Mapping[str, str]) -> str | None:
     if "ipBlock" in peer:
         return None
     if pods is None:
-        names = (namespaces or {}).get("matchLabels", {})
-        only_name = set(names) == {"kubernetes.io/metadata.name"} and not namespaces.get("matchExpressions")
+        if namespaces is None or namespaces.get("matchExpressions"):
+            return None
+        names = namespaces.get("matchLabels", {})
+        only_name = set(names) == {"kubernetes.io/metadata.name"}
         return "monitoring" if only_name and names["kubernetes.io/metadata.name"] in MONITORING_NAMESPACES else None
     if pods.get("matchExpressions"):
         return None

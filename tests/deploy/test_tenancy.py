@@ -179,6 +179,11 @@ def _drop_arg(container: dict[str, Any], flag: str) -> None:
     del args[args.index(flag) : args.index(flag) + 2]
 
 
+def _drop_args(container: dict[str, Any], *flags: str) -> None:
+    for flag in flags:
+        _drop_arg(container, flag)
+
+
 def _rule(docs: list[Doc], index: int) -> dict[str, Any]:
     rule: dict[str, Any] = find(docs, "NetworkPolicy")["spec"]["ingress"][index]
     return rule
@@ -334,7 +339,7 @@ MISTAKES: dict[str, tuple[str, Callable[[list[Doc]], None], str]] = {
     ),
     "metrics without a metrics port": (
         "node-cache",
-        lambda d: (_drop_arg(_server(d), "--metrics-port"), _drop_arg(_server(d), "--metrics-host")),
+        lambda d: _drop_args(_server(d), "--metrics-port", "--metrics-host"),
         "container server: a PodMonitor scrapes it, but it has no --metrics-port",
     ),
     # TLS
