@@ -4,6 +4,8 @@ The delay is a fixed deadline set when the first request of a batch arrives — 
 batch closes at that deadline or as soon as it holds max-batch-size rows, whichever comes first; the forward pass
 runs on a worker thread so the event loop keeps accepting requests, and each request gets exactly its own rows back.
 The queue is bounded: when it is full, `submit` refuses at once (503) instead of letting memory and latency grow.
+It is shared fairly between tenants (warmpod.server.fairqueue): batches take rows in weighted fair order, and when it
+is full the tenant holding more than its share gets the 503s; with one tenant it is a plain FIFO.
 A request larger than a batch is cut into chunks that queue like other requests (see `submit`): no request can
 monopolise the model, and one past its deadline (or whose client left) stops using it within one forward pass.
 """
@@ -14,56 +16,41 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
-
-import numpy as np
 
 from warmpod.server.errors import DeadlineExceeded, ServerError, Unavailable
+from warmpod.server.fairqueue import FairQueue, Outputs, Pending
 from warmpod.server.metrics import ServerMetrics
 from warmpod.server.model import Prepared, ServedModel, merge_outputs
+from warmpod.server.tenancy import ANONYMOUS
 
 log = logging.getLogger(__name__)
 
-Outputs = dict[str, np.ndarray]
+__all__ = ["BatchQueue", "Outputs", "Pending", "rows_ready", "run_isolated", "share", "take_batch"]
 
 
-@dataclass(eq=False)  # identity: one request is one Pending, whatever its fields
-class Pending:
-    """A request (or one chunk of a large one) waiting for its share of a batch."""
+def take_batch(queue: FairQueue | deque[Pending], max_rows: int) -> list[Pending]:
+    """Pop the next batch: chunks in fair order between tenants (warmpod.server.fairqueue), FIFO within one.
 
-    prepared: Prepared
-    enqueued: float
-    deadline: float
-    future: asyncio.Future[Outputs] = field(repr=False)
-    abandoned: bool = False  # the client gave up (deadline or disconnect): skip it if it has not started
-
-
-def take_batch(queue: deque[Pending], max_rows: int) -> list[Pending]:
-    """Pop the next batch off the queue's head.
-
-    The first request is always taken (one larger than `max_rows` runs alone); later ones join while the rows fit
-    and they were prepared by the same model (after a hot swap, requests prepared by the old model run on it).
+    The first chunk is always taken (one larger than `max_rows` runs alone); later ones join while the rows fit and
+    they were prepared by the same model (after a hot swap, requests prepared by the old model run on it). A plain
+    deque is one tenant's queue.
     """
-    batch = [queue.popleft()]
-    rows, model = batch[0].prepared.rows, batch[0].prepared.model
-    while queue and queue[0].prepared.model is model and rows + queue[0].prepared.rows <= max_rows:
-        rows += queue[0].prepared.rows
-        batch.append(queue.popleft())
-    return batch
+    return _fair(queue).take(max_rows)
 
 
-def rows_ready(queue: deque[Pending], max_rows: int) -> int:
-    """Rows the next batch would hold if it closed now (stops counting once `max_rows` is reached)."""
+def rows_ready(queue: FairQueue | deque[Pending], max_rows: int) -> int:
+    """Rows the next batch would hold if it closed now, counting the first chunk that would not fit (so a batch that
+    nothing more fits in reads as full, at least `max_rows`)."""
     if not queue:
         return 0
-    rows, model = 0, queue[0].prepared.model
-    for p in queue:
-        if p.prepared.model is not model or rows >= max_rows:
-            break
-        rows += p.prepared.rows
-    return rows
+    batch, overflow = _fair(queue).plan(max_rows)
+    return sum(p.prepared.rows for p in batch) + overflow
+
+
+def _fair(queue: FairQueue | deque[Pending]) -> FairQueue:
+    return queue if isinstance(queue, FairQueue) else FairQueue.fifo(queue)
 
 
 def share(rows: int, max_rows: int, idle_workers: int) -> int:
@@ -110,6 +97,7 @@ class BatchQueue:
         workers: int = 1,
         metrics: ServerMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tenant_weights: Mapping[str, float] | None = None,
     ) -> None:
         self.model_name = model_name
         self.max_batch_size = max_batch_size
@@ -119,7 +107,7 @@ class BatchQueue:
         self.workers = workers
         self.metrics = metrics
         self.clock = clock
-        self._queue: deque[Pending] = deque()
+        self._queue = FairQueue(tenant_weights)
         self._running_items: set[Pending] = set()  # the requests in forward passes now
         self._arrived = asyncio.Event()
         self._idle_workers = workers  # forward passes that may start now
@@ -129,30 +117,28 @@ class BatchQueue:
     def __len__(self) -> int:
         return len(self._queue)
 
-    async def submit(self, prepared: Prepared, deadline: float) -> Outputs:
-        """Run one request and return its outputs.
+    async def submit(self, prepared: Prepared, deadline: float, tenant: str = ANONYMOUS) -> Outputs:
+        """Run one request of `tenant` and return its outputs.
 
-        A request of more than max-batch-size rows runs as chunks of at most that many rows, queued a few at a time
-        (one per worker) at the queue's tail behind other requests' work: a large request never holds the model
-        while small ones wait, and its deadline is checked between chunks. Unavailable when the queue is full;
+        Tenants share the queue fairly (warmpod.server.fairqueue): rows in proportion to their weights, and when the
+        queue is full the tenant holding more than its share gets the 503s. A request of more than max-batch-size
+        rows runs as chunks of at most that many rows, queued a few at a time (one per worker) at its tenant's tail
+        behind other requests' work: a large request never holds the model while small ones wait, and its deadline
+        is checked between chunks. Unavailable when the queue is full (or its chunk is dropped for another tenant's);
         DeadlineExceeded at the deadline, and its remaining chunks never run; cancelled (the client went away),
         the same. A chunk that started runs to its end: one forward pass is the longest a request can overstay.
         """
-        if len(self._queue) >= self.max_queue:
-            raise Unavailable(
-                f"the batch queue is full ({self.max_queue} requests waiting); retry later or on another replica",
-                reason="queue_full",
-            )
         start = self.clock()
         if deadline <= start:
             raise DeadlineExceeded("the request deadline passed before the request was queued")
+        self._admit(tenant)
         chunks = prepared.split(self.max_batch_size)
         queued: deque[Pending] = deque()  # this request's chunks in the queue or running, oldest first
         outputs: list[Outputs] = []
         try:
             while len(outputs) < len(chunks):
                 while len(outputs) + len(queued) < len(chunks) and len(queued) < self.workers:
-                    queued.append(self._enqueue(chunks[len(outputs) + len(queued)], deadline))
+                    queued.append(self._enqueue(chunks[len(outputs) + len(queued)], deadline, tenant))
                 remaining = max(0.0, deadline - self.clock())
                 outputs.append(await asyncio.wait_for(asyncio.shield(queued[0].future), remaining))
                 queued.popleft()
@@ -165,11 +151,42 @@ class BatchQueue:
         finally:
             for pending in queued:  # deadline, cancellation or a failed chunk: what has not started never runs
                 pending.abandoned = True
+                if pending.future.done() and not pending.future.cancelled():
+                    pending.future.exception()  # seen: one error (dropped, or past its deadline) answers the request
         return merge_outputs(outputs)
 
-    def _enqueue(self, chunk: Prepared, deadline: float) -> Pending:
-        pending = Pending(chunk, self.clock(), deadline, asyncio.get_running_loop().create_future())
-        self._queue.append(pending)
+    def _admit(self, tenant: str) -> None:
+        """Make room for one more chunk of `tenant`, or refuse it (503): see ADMISSION in warmpod.server.fairqueue."""
+        queue, limit = self._queue, self.max_queue
+        decision = queue.admit(tenant, limit)
+        if not decision.admit:
+            if set(queue.queues) <= {tenant}:
+                message = f"the batch queue is full ({limit} requests waiting); retry later or on another replica"
+            else:
+                message = (
+                    f"the batch queue is full ({len(queue)} requests waiting) and tenant {tenant!r} already holds "
+                    f"{queue.count(tenant)} of them, its fair share while other tenants wait ({decision.share:.3g} of "
+                    f"--max-queue {limit}, by --tenant-weight); retry later or on another replica"
+                )
+            raise Unavailable(message, reason="queue_full")
+        if decision.evict is not None:
+            over = decision.evict
+            held, share = queue.count(over), queue.fair_share(over, limit, arriving=tenant)
+            dropped = queue.evict_newest(over)
+            dropped.abandoned = True
+            if not dropped.future.done():
+                dropped.future.set_exception(
+                    Unavailable(
+                        f"the batch queue is full: tenant {over!r}'s request was dropped to make room for another "
+                        f"tenant's, as {over!r} held {held} of the {limit} places, more than its fair share "
+                        f"({share:.3g}, by --tenant-weight); retry later or on another replica",
+                        reason="queue_full",
+                    )
+                )
+
+    def _enqueue(self, chunk: Prepared, deadline: float, tenant: str) -> Pending:
+        pending = Pending(chunk, self.clock(), deadline, asyncio.get_running_loop().create_future(), tenant=tenant)
+        self._queue.push(pending)
         self._gauge()
         self._arrived.set()
         return pending
@@ -190,7 +207,7 @@ class BatchQueue:
                 while not self._queue:
                     self._arrived.clear()
                     await self._arrived.wait()
-                await self._fill(due=self._queue[0].enqueued + self.max_delay_s)
+                await self._fill(due=self._queue.oldest() + self.max_delay_s)
                 batch = take_batch(self._queue, share(rows_ready(self._queue, self.max_batch_size),
                                                       self.max_batch_size, self._idle_workers))  # fmt: skip
                 self._idle_workers -= 1
