@@ -26,7 +26,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from warmpod import __version__
 from warmpod.errors import WarmpodError
 from warmpod.pods.policy import PolicyConfig, Snapshot, pod_scale_factor, sample_between, snapshot_from_families
-from warmpod.server import openai_api, openapi, v2
+from warmpod.server import audit, openai_api, openapi, v2
+from warmpod.server.auth import DOOR, Door, door_ctx, door_middleware
 from warmpod.server.batcher import BatchQueue
 from warmpod.server.errors import (
     BadRequest,
@@ -40,7 +41,9 @@ from warmpod.server.errors import (
 from warmpod.server.limits import DEFAULT_MAX_ROWS, DEFAULT_MAX_TOKENS, RequestLimits, request_rows
 from warmpod.server.metrics import ServerMetrics, model_totals
 from warmpod.server.model import ServedModel
+from warmpod.server.quotas import QuotaSpec, TenantQuotas
 from warmpod.server.source import ModelSource, StoreSource
+from warmpod.server.tenancy import tenant_of
 from warmpod.server.tensors import Tensor
 
 log = logging.getLogger("warmpod.server")
@@ -74,6 +77,19 @@ class ServerConfig:
     slo_quantile: float = 0.95
     signal_window_s: float = 30.0  # the scale-factor gauge looks back this far
     process_start: float = field(default_factory=lambda: process_start_time())
+    # TLS on the public site (warmpod.server.tls): certificate + chain, its key, and for mutual TLS the client CAs.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # The door (warmpod.server.auth) and the audit log (warmpod.server.audit); where the --metrics-port site binds.
+    api_key_file: Path | None = None
+    allow_unauthenticated: bool = False
+    audit_log: str | None = None  # a path, or "-" for stderr
+    metrics_host: str = "127.0.0.1"
+    # Fairness between tenants (warmpod.server.fairqueue, warmpod.server.quotas): weights of the fair queue (default
+    # 1 each) and rate limits per tenant (`*`: every tenant without its own).
+    tenant_weights: tuple[tuple[str, float], ...] = ()
+    tenant_quotas: tuple[QuotaSpec, ...] = ()
 
 
 def process_start_time() -> float:
@@ -118,21 +134,38 @@ BATCHER = web.AppKey("batcher", BatchQueue)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 SOURCE: web.AppKey[ModelSource] = web.AppKey("source")
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
+QUOTAS = web.AppKey("quotas", TenantQuotas)
 
 
 def create_app(
-    config: ServerConfig, registry: CollectorRegistry | None = None, *, source: ModelSource | None = None
+    config: ServerConfig,
+    registry: CollectorRegistry | None = None,
+    *,
+    source: ModelSource | None = None,
+    door: Door | None = None,
+    audit_log: audit.AuditLog | None = None,
 ) -> web.Application:
     """The server. `source` is where the model comes from (default: the store, `config.model` in `config.store`);
-    the edge passes its own, everything else — protocol, batching, metrics, drain, hot swap — is the same."""
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[errors_and_metrics])
+    the edge passes its own, everything else — protocol, batching, metrics, drain, hot swap — is the same. `door` and
+    `audit_log`: as `serve` opened them (default: opened here from the config; AuthError/AuditError if they cannot
+    be)."""
+    middlewares = [audit.audit_middleware(INFERENCE_ROUTES, REJECTED), errors_and_metrics, door_middleware]
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[CONFIG] = config
     app[SOURCE] = source or StoreSource(
         config.store, config.model, threads=config.threads, factory=config.factory, truncate=config.truncate
     )
     app[METRICS] = ServerMetrics(registry if registry is not None else CollectorRegistry())
     app[OPENAPI] = openapi.document(__version__)
-    app.cleanup_ctx.extend([state_ctx, batcher_ctx, model_ctx, scale_signal_ctx])
+    app[QUOTAS] = TenantQuotas(config.tenant_quotas)
+    app[DOOR] = door or Door.load(config.api_key_file, mutual_tls=config.tls_client_ca is not None)
+    app[DOOR].attach(app[METRICS].registry)
+    if audit_log is None and config.audit_log is not None:
+        audit_log = audit.AuditLog.open(config.audit_log)
+    app[audit.AUDIT] = audit_log
+    if audit_log is not None:
+        audit_log.attach(app[METRICS].registry)
+    app.cleanup_ctx.extend([state_ctx, batcher_ctx, model_ctx, scale_signal_ctx, door_ctx, audit_ctx])
     app.router.add_get("/v2/health/live", live, name="live")
     app.router.add_get("/v2/health/ready", ready, name="ready")
     app.router.add_get("/v2", server_metadata, name="server_metadata")
@@ -161,6 +194,13 @@ async def state_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+async def audit_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    audit_log = app[audit.AUDIT]
+    if audit_log is not None:
+        audit_log.close()
+
+
 async def batcher_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     # --workers forward passes at once, each with --threads intra-op threads: workers x threads = about the CPU cores.
@@ -173,6 +213,7 @@ async def batcher_ctx(app: web.Application) -> AsyncIterator[None]:
         executor=app[EXECUTOR],
         workers=config.workers,
         metrics=app[METRICS],
+        tenant_weights=dict(config.tenant_weights),
     )
     task = asyncio.create_task(batcher.run_forever(), name="batcher")
     yield
@@ -354,12 +395,14 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     if measured:
         endpoint = "embeddings" if route == "embeddings" else "infer"
         code = str(response.status)
-        metrics.request_seconds.labels(config.model, endpoint, code).observe(time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        metrics.request_seconds.labels(config.model, endpoint, code).observe(elapsed)
         if response.status < 300:
             metrics.last_inference.labels(config.model).set_to_current_time()
         reason = response.get(REJECTED)
         if reason:
             metrics.rejected.labels(config.model, reason).inc()
+        metrics.observe_tenant(tenant_of(request), config.model, response.status, elapsed, reason)
     return response
 
 
@@ -400,7 +443,7 @@ def error_response(request: web.Request, error: ServerError) -> web.Response:
     if isinstance(error, Unavailable | TooManyRequests):
         headers["Retry-After"] = str(error.retry_after_s)
     if isinstance(error, Unauthorized):
-        headers["WWW-Authenticate"] = 'Bearer realm="warmpod"'
+        headers["WWW-Authenticate"] = error.challenge
     if request.path.startswith("/v1/"):
         kind = "invalid_request_error" if error.status < 500 else "server_error"
         body = openai_api.openai_error_body(str(error), kind, error.reason)
@@ -476,6 +519,13 @@ def request_limits(request: web.Request) -> RequestLimits:
     return RequestLimits(max_rows=config.max_request_rows, max_tokens=config.max_request_tokens)
 
 
+def check_quota(request: web.Request, rows: int) -> None:
+    """The tenant's rate limits (--tenant-quota): 429 with Retry-After, before any tokenizing or forward pass."""
+    refusal = request.app[QUOTAS].check(tenant_of(request), rows, time.monotonic())
+    if refusal is not None:
+        raise TooManyRequests(refusal.message(), retry_after_s=refusal.retry_after_s)
+
+
 def refuse_while_draining(request: web.Request) -> None:
     if request.app[STATE].draining:
         raise Unavailable("the server is draining (shutting down); retry on another replica", reason="draining")
@@ -489,12 +539,16 @@ async def infer(request: web.Request) -> web.Response:
     req = v2.parse_infer_request(body, header_length)
     deadline = deadline_for(request, req.parameters)
     limits = request_limits(request)
-    limits.check_rows(request_rows(req.inputs))  # before any tokenizing or forward pass
+    rows = request_rows(req.inputs)
+    audit.note(request, rows=rows)
+    limits.check_rows(rows)  # before any tokenizing or forward pass
+    check_quota(request, rows)
     prepared = model.prepare(req.inputs)
     limits.check_tokens(prepared.tokens)
     selected = v2.select_outputs(req, [s.name for s in model.outputs])
-    outputs = await request.app[BATCHER].submit(prepared, deadline)
+    outputs = await request.app[BATCHER].submit(prepared, deadline, tenant_of(request))
     runner = prepared.model or model  # after a hot swap the request still reports the version that ran it
+    audit.note(request, version=runner.version)
     specs = {s.name: s for s in runner.outputs}
     tensors = [(Tensor(n, specs[n].datatype, outputs[n].shape, outputs[n]), binary) for n, binary in selected]
     try:
@@ -510,13 +564,16 @@ async def infer(request: web.Request) -> web.Response:
 async def embeddings(request: web.Request) -> web.Response:
     refuse_while_draining(request)
     req = openai_api.parse_embeddings_request(await request.read())
+    audit.note(request, model=req.model, rows=len(req.texts))
     model = served_model(request, req.model)
     limits = request_limits(request)
     limits.check_rows(len(req.texts))
+    check_quota(request, len(req.texts))
     prepared = model.prepare_texts(req.texts)  # a model that takes no text says so here (400)
     limits.check_tokens(prepared.tokens)
     openai_api.check_dimensions(req.dimensions, model.outputs[0].shape[-1])
-    vectors = (await request.app[BATCHER].submit(prepared, deadline_for(request)))["embedding"]
+    vectors = (await request.app[BATCHER].submit(prepared, deadline_for(request), tenant_of(request)))["embedding"]
+    audit.note(request, version=(prepared.model or model).version)
     payload = openai_api.encode_embeddings_response(model.name, vectors, req.encoding_format, prepared.tokens)
     return web.Response(body=payload, content_type="application/json")
 

@@ -16,6 +16,7 @@ from warmpod.cliargs import positive, quantile, size_arg
 from warmpod.pods.lines import LISTENING_LINE_FORMAT, METRICS_LINE_FORMAT
 from warmpod.server.app import ServerConfig, process_start_time
 from warmpod.server.limits import DEFAULT_MAX_ROWS, DEFAULT_MAX_TOKENS
+from warmpod.server.quotas import QuotaSpec, parse_quota, parse_weight
 from warmpod.store import DEFAULT_ROOT
 
 if TYPE_CHECKING:
@@ -43,13 +44,6 @@ def build_parser(*, allow_abbrev: bool = True) -> argparse.ArgumentParser:
     add_serving_arguments(p, default_port=8080)
     p.add_argument("--threads", type=positive(int), default=1, help="torch intra-op threads per forward (default 1)")
     p.add_argument("--factory", help="serve any nn.Module: package.module:function (receives config.json's dict)")
-    p.add_argument(
-        "--metrics-port",
-        type=positive(int, 0),
-        help="also serve on 127.0.0.1:P, a port of this process alone (0 picks one): health and /metrics for a "
-        "supervisor, since a shared --reuse-port port reaches any of the servers. With --reuse-port, the shared port "
-        "is joined only once the model is ready and left first on SIGTERM, so the other servers take new connections",
-    )
     return p
 
 
@@ -108,6 +102,84 @@ def add_serving_arguments(p: argparse.ArgumentParser, *, default_port: int) -> N
         "--signal-window", type=positive(float, 1), default=30.0,
         help="seconds of traffic the warmpod_scale_factor gauge looks back over (default 30)",
     )  # fmt: skip
+    p.add_argument(
+        "--tls-cert", type=Path, metavar="PEM",
+        help="serve HTTPS on --host:--port with this certificate (PEM, its chain after it; needs --tls-key). Re-read "
+        "when it changes (a rotated Secret or podCertificate volume): new handshakes present the new one, open "
+        "connections are left alone. --metrics-port stays plain HTTP",
+    )  # fmt: skip
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="the certificate's private key (PEM, unencrypted)")
+    p.add_argument(
+        "--metrics-port", type=positive(int, 0), metavar="P",
+        help="also serve on --metrics-host:P, a port of this process alone (0 picks one), plain HTTP: health and "
+        "/metrics without a key (Prometheus, a supervisor; a shared --reuse-port port reaches any of the servers). "
+        "Other routes there need the same credential as on --port. With --reuse-port, the shared port is joined only "
+        "once the model is ready and left first on SIGTERM, so the other servers take new connections",
+    )  # fmt: skip
+    p.add_argument(
+        "--metrics-host", default="127.0.0.1", metavar="ADDR",
+        help="address the --metrics-port site binds (default 127.0.0.1; 0.0.0.0 in a pod scraped by Prometheus)",
+    )  # fmt: skip
+    p.add_argument(
+        "--api-key-file", type=Path, metavar="PATH",
+        help="require an API key: 'Authorization: Bearer KEY' with a key of this file, one TENANT:KEY per line "
+        "(# comments; several keys per tenant for an overlapping rotation). Re-read when it changes (a rotated "
+        "Secret), no restart. The health routes stay open; see docs/security.md",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-unauthenticated", action="store_true",
+        help="serve without a key or client certificate on a --host (or --metrics-host) other than loopback, "
+        "which is refused otherwise",
+    )  # fmt: skip
+    p.add_argument(
+        "--audit-log", metavar="PATH",
+        help="append one JSON line per inference request (and per request refused for its credential): time, "
+        "request id, tenant, model, version, route, rows, status, latency; '-' for stderr. Never a key or a body",
+    )  # fmt: skip
+    p.add_argument(
+        "--tls-client-ca", type=Path, metavar="PEM",
+        help="mutual TLS: require a client certificate signed by one of these CAs (PEM); its subject's common name "
+        "is the request's tenant",
+    )  # fmt: skip
+    p.add_argument(
+        "--tenant-weight", type=tenant_weight, action=TenantSpecs, default=(), metavar="TENANT=W",
+        help="the tenant's weight in the fair queue (repeatable; default 1 each): tenants that wait get rows in "
+        "proportion to their weights, and a full queue is shared in that proportion",
+    )  # fmt: skip
+    p.add_argument(
+        "--tenant-quota", type=tenant_quota, action=TenantSpecs, default=(), metavar="SPEC",
+        help="rate limits of a tenant, TENANT:requests=R,rows=N per second (either or both; repeatable; '*' for "
+        "every tenant without its own line): over them is 429 with Retry-After. Per server process",
+    )  # fmt: skip
+
+
+def tenant_weight(text: str) -> tuple[str, float]:
+    """`--tenant-weight TENANT=W` as an argparse type (a bad one is a usage error that says why)."""
+    try:
+        return parse_weight(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def tenant_quota(text: str) -> QuotaSpec:
+    """`--tenant-quota TENANT:requests=R,rows=N` as an argparse type."""
+    try:
+        return parse_quota(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+class TenantSpecs(argparse.Action):
+    """A repeatable per-tenant flag: collects its values, refusing a second one for the same tenant (exit 2)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any, option: str | None = None
+    ) -> None:
+        specs = tuple(getattr(namespace, self.dest) or ())
+        tenant = value.tenant if isinstance(value, QuotaSpec) else value[0]
+        if any((s.tenant if isinstance(s, QuotaSpec) else s[0]) == tenant for s in specs):
+            parser.error(f"argument {option}: tenant {tenant!r} is given twice; give each tenant one {option}")
+        setattr(namespace, self.dest, (*specs, value))
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -133,6 +205,15 @@ def serving_config(args: argparse.Namespace, **fields: Any) -> ServerConfig:
         slo_quantile=args.slo_quantile,
         signal_window_s=args.signal_window,
         process_start=process_start_time(),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        api_key_file=args.api_key_file,
+        allow_unauthenticated=args.allow_unauthenticated,
+        audit_log=args.audit_log,
+        metrics_host=args.metrics_host,
+        tenant_weights=tuple(args.tenant_weight),
+        tenant_quotas=tuple(args.tenant_quota),
         **fields,
     )
 
@@ -148,28 +229,51 @@ async def serve(
 ) -> int:
     """Run until SIGTERM/SIGINT (drain, exit 0) or a model that cannot be served (exit 5).
 
-    With `metrics_port`, the same app is also served on 127.0.0.1:metrics_port. With `reuse_port` as well (one
+    With `metrics_port`, the same app is also served on config.metrics_host:metrics_port (the door leaves health
+    and /metrics open there, warmpod.server.auth). With `reuse_port` as well (one
     server of several on a shared port, as `warmpod up` runs them), the shared port is joined only once the model is
     ready and left first on SIGTERM: a server still starting or draining never takes a new connection there.
     """
     from aiohttp import web
 
-    from warmpod.server.app import STATE, create_app, drain
+    from warmpod.errors import UsageError
+    from warmpod.server.app import METRICS, STATE, create_app, drain
+    from warmpod.server.audit import AuditLog
+    from warmpod.server.auth import Door, exposure_problem
+    from warmpod.server.tls import ServerTls, TlsError, tls_files
 
-    app = create_app(config, source=source)
+    try:  # before anything starts: bad certificate files, key file or audit log are usage errors (exit 2)
+        files = tls_files(config.tls_cert, config.tls_key, config.tls_client_ca)
+        tls = ServerTls.load(files) if files is not None else None
+        door = Door.load(config.api_key_file, mutual_tls=config.tls_client_ca is not None)
+        problem = exposure_problem(config.host, config.metrics_host if metrics_port is not None else None,
+                                   door=door.closed, allow_unauthenticated=config.allow_unauthenticated)  # fmt: skip
+        if problem is not None:
+            raise UsageError(problem)
+        audit_log = AuditLog.open(config.audit_log) if config.audit_log is not None else None
+    except (TlsError, UsageError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    app = create_app(config, source=source, door=door, audit_log=audit_log)
+    if tls is not None:
+        tls.attach(app[METRICS].registry)
+        log.info("%s", tls.describe())
     # handler_cancellation: a client that disconnects cancels its handler, and with it the request's chunks that have
     # not started (the batcher drops them), instead of computing answers nobody reads.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
     await runner.setup()
     handoff = reuse_port and metrics_port is not None
     public: web.TCPSite | None = None  # the --host:--port site, once listening
+    watcher = asyncio.create_task(tls.watch(), name="tls reload") if tls is not None else None
     try:
         if metrics_port is not None:
-            private = web.TCPSite(runner, "127.0.0.1", metrics_port)
-            if not await _listen(private, prog, "127.0.0.1", metrics_port):
+            private = web.TCPSite(runner, config.metrics_host, metrics_port)
+            if not await _listen(private, prog, config.metrics_host, metrics_port):
                 return 2
             port = runner.addresses[-1][1]
-            print(f"{prog}: {METRICS_LINE_FORMAT.format(port=port)}", file=sys.stderr, flush=True)
+            door.metrics_ports.add(port)
+            print(f"{prog}: {METRICS_LINE_FORMAT.format(host=config.metrics_host, port=port)}", file=sys.stderr,
+                  flush=True)  # fmt: skip
         state = app[STATE]
         left = False  # the shared port was left (handoff)
 
@@ -190,14 +294,18 @@ async def serve(
             while not state.ready and not state.exit_code.done():
                 await asyncio.sleep(0.02)
         if not state.exit_code.done():
-            site = web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port or None)
+            site = web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port or None,
+                               ssl_context=tls.context if tls is not None else None)  # fmt: skip
             if not await _listen(site, prog, config.host, config.port):
                 return 2
             public = site
             host, port = runner.addresses[-1][:2]
             what = description or f"model {config.model}, store {config.store}"
+            scheme = "https" if tls is not None else "http"
             print(
-                f"{prog}: {LISTENING_LINE_FORMAT.format(host=host, port=port, what=what)}", file=sys.stderr, flush=True
+                f"{prog}: {LISTENING_LINE_FORMAT.format(scheme=scheme, host=host, port=port, what=what)}",
+                file=sys.stderr,
+                flush=True,
             )
             if left:  # a signal came while it was joining
                 await public.stop()
@@ -211,6 +319,8 @@ async def serve(
             print(f"{prog}: error: {state.fatal}", file=sys.stderr, flush=True)
         return code
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await runner.cleanup()
 
 

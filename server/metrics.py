@@ -2,7 +2,9 @@
 
 Named for the autoscaler that reads them: latency per model and endpoint (the SLO signal), how long requests wait
 in the batch queue (the saturation signal), batch sizes and forward time (the capacity estimate), in-flight and
-queued requests, and rejections by reason. The Wasm edge exports the same names. `model_totals` reads them back
+queued requests, and rejections by reason; and the same per tenant (`warmpod_tenant_*`: requests by code, latency,
+rejections by reason), with tenant names, never keys, as labels — at most TENANT_LABELS_MAX of them per process, later
+ones counted as "other". The Wasm edge exports the same names. `model_totals` reads them back
 for the V2 statistics extension (GET /v2/models/{m}/stats), so both report the same counts.
 """
 
@@ -19,6 +21,25 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 
                    0.75, 1.0, 2.5, 5.0, 10.0)  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+TENANT_LABELS_MAX = 64  # distinct tenant label values per process; more tenants share OTHER_TENANT
+OTHER_TENANT = "other"
+
+
+class TenantLabels:
+    """Tenant names as label values: the first `limit` distinct names as they are, every later one as "other", so
+    a server with many certificate subjects or key-file tenants cannot grow /metrics without bound."""
+
+    def __init__(self, limit: int = TENANT_LABELS_MAX) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, tenant: str) -> str:
+        if tenant in self.seen:
+            return tenant
+        if len(self.seen) >= self.limit:
+            return OTHER_TENANT
+        self.seen.add(tenant)
+        return tenant
 
 
 class ServerMetrics:
@@ -74,7 +95,7 @@ class ServerMetrics:
         self.rejected = Counter(
             "warmpod_requests_rejected",
             "Inference requests refused, by reason (queue_full, draining, not_ready, deadline, too_large, "
-            "bad_request, not_found)",
+            "bad_request, not_found, unauthorized, rate_limited)",
             ["model", "reason"],
             registry=registry,
         )
@@ -109,6 +130,35 @@ class ServerMetrics:
             "last window: averaged across pods, the factor by which to scale (HPA/KEDA target 1.0)",
             registry=registry,
         )
+
+        self.tenant_label = TenantLabels()
+        self.tenant_requests = Counter(
+            "warmpod_tenant_requests",
+            'Inference requests by tenant (the name the door gave it; "anonymous" without one), model and HTTP code',
+            ["tenant", "model", "code"],
+            registry=registry,
+        )
+        self.tenant_request_seconds = Histogram(
+            "warmpod_tenant_request_duration_seconds",
+            "Inference request latency from arrival to response, by tenant",
+            ["tenant", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tenant_rejected = Counter(
+            "warmpod_tenant_requests_rejected",
+            "Inference requests refused, by tenant and reason (queue_full, rate_limited, unauthorized, deadline, ...)",
+            ["tenant", "model", "reason"],
+            registry=registry,
+        )
+
+    def observe_tenant(self, tenant: str, model: str, code: int, seconds: float, reason: str | None) -> None:
+        """One inference request of `tenant` answered with `code` after `seconds` (`reason`: why it was refused)."""
+        label = self.tenant_label(tenant)
+        self.tenant_requests.labels(label, model, str(code)).inc()
+        self.tenant_request_seconds.labels(label, model).observe(seconds)
+        if reason:
+            self.tenant_rejected.labels(label, model, reason).inc()
 
     def observe_batch(self, model: str, rows: int, seconds: float) -> None:
         """A forward pass of `rows` rows took `seconds` (per batch size: the statistics extension's batch_stats)."""
