@@ -7,9 +7,11 @@ import re
 
 # The line a server with --metrics-port prints once that port listens, after "PROG: ". `warmpod up`'s supervisor
 # (server/supervisor.py) learns each worker's private port from it.
-METRICS_LINE_FORMAT = "metrics and health on http://127.0.0.1:{port}"
-METRICS_LINE = re.compile(re.escape(METRICS_LINE_FORMAT.split("{port}")[0]) + r"(\d+)")
+# Its host is --metrics-host (127.0.0.1 unless told otherwise; `warmpod up` leaves it so).
+METRICS_LINE_FORMAT = "metrics and health on http://{host}:{port}"
+METRICS_LINE = re.compile(r"metrics and health on http://\S+:(\d+)")
 # Printed once the server takes connections on --host:--port (with --reuse-port and --metrics-port: once it has
 # joined the shared port, which is when `warmpod up` counts it as ready).
-LISTENING_LINE_FORMAT = "listening on http://{host}:{port} ({what})"
-LISTENING_LINE = re.compile(r"listening on http://([^\s:]+):(\d+) ")
+# The scheme is https with --tls-cert.
+LISTENING_LINE_FORMAT = "listening on {scheme}://{host}:{port} ({what})"
+LISTENING_LINE = re.compile(r"listening on https?://([^\s:]+):(\d+) ")
