@@ -108,8 +108,9 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     config = serving_config(args, model=bundle_name(source), store=source)
     edge = EdgeConfig(source, args.engine, None if args.no_cache else args.cache_dir, args.max_memory)
-    return asyncio.run(serve(config, reuse_port=args.reuse_port, source=EdgeSource(edge, config),
-                             prog="warmpod edge serve", description=f"edge, {source}"))  # fmt: skip
+    return asyncio.run(serve(config, reuse_port=args.reuse_port, metrics_port=args.metrics_port,
+                             source=EdgeSource(edge, config), prog="warmpod edge serve",
+                             description=f"edge, {source}"))  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

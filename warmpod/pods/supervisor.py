@@ -91,8 +91,8 @@ class UpConfig:
         """The `warmpod serve` arguments `warmpod up` sets on every worker (the user's `serve_args` may not)."""
         q, target_ms = self.policy.slo_quantile, self.policy.slo_target_s * 1000
         return ["--model", self.model, "--store", str(self.store), "--host", self.host, "--port", str(port),
-                "--reuse-port", "--metrics-port", "0", "--slo-target-ms", f"{target_ms:g}",
-                "--slo-quantile", f"{q:g}"]  # fmt: skip
+                "--reuse-port", "--metrics-port", "0", "--metrics-host", "127.0.0.1",
+                "--slo-target-ms", f"{target_ms:g}", "--slo-quantile", f"{q:g}"]  # fmt: skip
 
 
 class ChildProcess(Protocol):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from warmpod.cliargs import positive, quantile
 from warmpod.errors import UsageError
 from warmpod.pods.policy import PolicyConfig, PolicyError
+from warmpod.server.auth import exposure_problem
 from warmpod.server.cli import build_parser as serve_parser
 from warmpod.store import DEFAULT_ROOT
 
@@ -165,6 +166,10 @@ def config_from_args(args: argparse.Namespace, serve_args: Sequence[str]) -> UpC
     parser = serve_parser(allow_abbrev=False)
     parser.prog, parser.usage = "warmpod up", "warmpod up SOURCE --model NAME [options] -- [warmpod serve options]"
     serve = parser.parse_args(["--model", args.model, "--store", str(args.store), *serve_args])  # exit 2 if bad
+    door = serve.api_key_file is not None or serve.tls_client_ca is not None
+    problem = exposure_problem(args.host, None, door=door, allow_unauthenticated=serve.allow_unauthenticated)
+    if problem is not None:  # before anything starts, rather than from every worker
+        raise UsageError(f"{problem} (after --, for the workers)")
     return replace(config, serve_args=tuple(serve_args), drain_grace_s=serve.drain_grace)
 
 
