@@ -10,6 +10,7 @@ import datetime
 import json
 import socket
 import ssl
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from tests.kit.clients import LoadThread, http, open_triton
 from tests.kit.metrics import Scrape
 from tests.kit.models import minilm_dir, write_mlp
 from tests.kit.procs import wait_until
-from tests.kit.warmpod import WarmpodServer, error_line, run_warmpod, stage
+from tests.kit.warmpod import WarmpodServer, child_env, error_line, run_warmpod, stage, warmpod_cmd
 from warmpod.pods.lines import METRICS_LINE
 
 pytestmark = pytest.mark.timeout(180)
@@ -293,6 +294,20 @@ def test_a_key_file_that_cannot_be_used_stops_the_start(mlp_store: Path, tmp_pat
         line = serve_error(mlp_store, "--api-key-file", str(path))
         assert line == f"warmpod serve: error: --api-key-file {path}{message}"
         assert no_key_in(line, KEY_A, KEY_B) == []
+    unreadable = tmp_path / "unreadable"
+    unreadable.write_text(f"team-a:{KEY_A}\n")
+    unreadable.chmod(0o000)
+    # root reads any file; drop the capabilities that let it, so the kernel answers as it would for a pod's user
+    without_override = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"]
+    cmd = [*without_override, *warmpod_cmd("serve", "--model", "mlp", "--store", mlp_store, "--port", "0",
+                                           "--api-key-file", unreadable)]  # fmt: skip
+    proc = subprocess.run(
+        cmd, env=child_env(None), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert error_line(proc, "warmpod serve") == (
+        f"warmpod serve: error: --api-key-file {unreadable}: cannot read it: Permission denied"
+    )
     line = serve_error(mlp_store, "--audit-log", str(tmp_path / "no" / "audit.jsonl"))
     assert line == (f"warmpod serve: error: --audit-log {tmp_path}/no/audit.jsonl: cannot open it for appending: No "
                     "such file or directory")  # fmt: skip
