@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Virtual environments for the serving benchmark's baselines (bench/serve_bench.py): MLServer and the KServe
-# Python model server, each in its own venv because their pins (fastapi, starlette, pandas, protobuf) disagree.
+# Virtual environments for the serving benchmark's baselines (bench/serve_bench.py): MLServer, the KServe Python
+# model server and infinity-emb, each in its own venv because their pins (fastapi, starlette, pandas, protobuf, numpy,
+# huggingface-hub) disagree.
 #
-#   bash bench/serve_setup.sh            # creates/updates bench/.venvs/{mlserver,kserve}; safe to re-run
+#   bash bench/serve_setup.sh            # creates/updates bench/.venvs/{mlserver,kserve,infinity}; safe to re-run
 #
 # The venvs see the system site-packages, so torch 2.13.0+cpu, numpy, tokenizers and warmpod's own deps come from
 # the system and are not downloaded again; what a venv installs itself shadows the system copy. Every install is
@@ -14,6 +15,12 @@ set -euo pipefail
 # 'MainThread'", SeldonIO/MLServer#2286; the fix, #2285, is unreleased): uvloop 0.21.0 is the last that works.
 MLSERVER_REQUIREMENTS=(mlserver==1.7.1 uvloop==0.21.0)
 KSERVE_REQUIREMENTS=(kserve==0.21.0)
+# infinity-emb 0.0.78 (torch engine) wants sentence-transformers < 4 (so transformers < 5, so huggingface-hub < 1) and
+# numpy < 2, older than the system's: pinned here, or pip backtracks through hundreds of huggingface-hub releases.
+# Its torch extra only asks torch >= 2.2.1, so the system's 2.13.0 stays. No optimum: BetterTransformer (optimum < 2)
+# is off anyway (--no-bettertransformer), as is torch.compile; its defaults otherwise.
+INFINITY_REQUIREMENTS=(infinity-emb[server,torch]==0.0.78 sentence-transformers==3.4.1 transformers==4.57.6
+    huggingface-hub==0.36.2 numpy==1.26.4)
 
 BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$BENCH_DIR")"
@@ -31,7 +38,9 @@ setup_venv() {
     fi
     # Skip pip entirely when every pinned version is already there (the common re-run).
     for req in "$@"; do
-        installed="$("$venv/bin/python" -c "from importlib.metadata import version; print(version('${req%%==*}'))" \
+        local dist="${req%%==*}"
+        dist="${dist%%[*}" # infinity-emb[server,torch] -> infinity-emb
+        installed="$("$venv/bin/python" -c "from importlib.metadata import version; print(version('$dist'))" \
             2>/dev/null || true)"
         [[ "$installed" == "${req#*==}" ]] || missing=1
     done
@@ -50,3 +59,4 @@ setup_venv() {
 
 setup_venv mlserver "${MLSERVER_REQUIREMENTS[@]}"
 setup_venv kserve "${KSERVE_REQUIREMENTS[@]}"
+setup_venv infinity "${INFINITY_REQUIREMENTS[@]}"
