@@ -328,6 +328,12 @@ async def load_timed(app: web.Application, make: Callable[[], ServedModel]) -> S
         raise
     metrics.model_load_seconds.labels(config.model).observe(time.monotonic() - started)
     metrics.model_version.labels(config.model, model.version, model.family).set(1)
+    precision = model.precision
+    if precision is not None:
+        metrics.weights_info.labels(config.model, model.version, precision.stored, precision.computed).set(1)
+        metrics.private_weights_bytes.labels(config.model).set(precision.private_bytes)
+        level = logging.WARNING if precision.upcast else logging.INFO
+        log.log(level, "model %s version %s: %s", config.model, model.version, precision.describe())
     return model
 
 
@@ -345,6 +351,8 @@ async def swap(app: web.Application, version: str) -> None:
     if old is None:
         return
     app[METRICS].model_version.labels(config.model, old.version, old.family).set(0)
+    if old.precision is not None:
+        app[METRICS].weights_info.labels(config.model, old.version, old.precision.stored, old.precision.computed).set(0)
     deadline = time.monotonic() + config.request_timeout_s
     while batcher.busy_with(old) and time.monotonic() < deadline:
         await asyncio.sleep(0.01)

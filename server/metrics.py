@@ -119,6 +119,20 @@ class ServerMetrics:
             ["model", "version", "family"],
             registry=registry,
         )
+        self.weights_info = Gauge(
+            "warmpod_model_weights_info",
+            "1 for the weights being served: their dtype in the store and the dtype computed in (they differ where "
+            "bf16 weights are upcast to fp32 on a CPU without native bf16), 0 for versions served before",
+            ["model", "version", "stored", "computed"],
+            registry=registry,
+        )
+        self.private_weights_bytes = Gauge(
+            "warmpod_model_private_weights_bytes",
+            "Bytes of weights this process holds privately instead of sharing the store's mapping (the fp32 upcast "
+            "of bf16 weights on a CPU without native bf16; 0 when served zero copy)",
+            ["model"],
+            registry=registry,
+        )
         self.ready = Gauge("warmpod_ready", "1 when the server reports ready, else 0", registry=registry)
         self.workers = Gauge(
             "warmpod_workers", "Forward passes that may run at once (the capacity the busy fraction divides)",

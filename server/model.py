@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from warmpod.server.precision import WeightsPrecision
     from warmpod.store import StagedModel
 
 
@@ -77,6 +78,7 @@ class ServedModel(abc.ABC):
         self.name = name
         self.version = version
         self.staged = staged  # keeps the read-only mappings alive while this model serves
+        self.precision: WeightsPrecision | None = None  # how its weights are stored and computed (set by build_model)
 
     @property
     @abc.abstractmethod

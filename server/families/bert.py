@@ -237,9 +237,17 @@ class BertEncoder(TextEncoder):
 
     @classmethod
     def from_staged(
-        cls, name: str, staged: StagedModel, config: Mapping[str, Any], *, truncate: bool | None = None
+        cls,
+        name: str,
+        staged: StagedModel,
+        config: Mapping[str, Any],
+        *,
+        truncate: bool | None = None,
+        tensors: Mapping[str, torch.Tensor] | None = None,
     ) -> BertEncoder:
-        """Build the encoder on the staged weights (zero copy) and read its sentence-transformers files."""
+        """Build the encoder on the staged weights (zero copy; or on `tensors`, the staged ones as
+        warmpod.server.precision serves them) and read its sentence-transformers files. The module computes in the
+        word embeddings' dtype (bf16 weights: a bf16 forward), pooling in fp32."""
         what = f"bert model {name!r} version {staged.version}"
         try:
             bert = BertConfig.from_json(config)
@@ -247,7 +255,7 @@ class BertEncoder(TextEncoder):
         except ModelError as e:
             raise ModelError(f"{what}: {e}") from None
 
-        tensors, dropped = select_encoder_tensors(staged.tensors())
+        tensors, dropped = select_encoder_tensors(staged.tensors() if tensors is None else tensors)
         if dropped:
             logger.info("%s: tensors the encoder does not use, left unmapped: %s", what, ", ".join(dropped))
         word = tensors.get("embeddings.word_embeddings.weight")

@@ -82,7 +82,18 @@ class FactoryModel(ServedModel):
         self.module: nn.Module | None = module
 
     @classmethod
-    def from_staged(cls, name: str, staged: StagedModel, config: dict[str, Any], factory: str) -> FactoryModel:
+    def from_staged(
+        cls,
+        name: str,
+        staged: StagedModel,
+        config: dict[str, Any],
+        factory: str,
+        *,
+        tensors: Mapping[str, torch.Tensor] | None = None,
+    ) -> FactoryModel:
+        """The factory's module on the staged weights (or `tensors`, as warmpod.server.precision serves them). The
+        module's own dtypes must match the weights': a bf16 store needs a module built in bf16 (`.to(torch.bfloat16)`
+        in the factory) on a CPU with native bf16."""
         make = resolve_factory(factory)
         try:
             module = build_on_meta(lambda: make(config))
@@ -90,7 +101,8 @@ class FactoryModel(ServedModel):
             raise ModelError(f"--factory {factory!r} failed to build the module: {type(e).__name__}: {e}") from e
         if not isinstance(module, nn.Module):
             raise ModelError(f"--factory {factory!r} returned {type(module).__name__}, not a torch.nn.Module")
-        assign_weights(module, staged.tensors(), what=f"model {name!r} version {staged.version} ({factory})")
+        weights = staged.tensors() if tensors is None else tensors
+        assign_weights(module, weights, what=f"model {name!r} version {staged.version} ({factory})")
         return cls(name, staged.version, staged, config, module)
 
     @property

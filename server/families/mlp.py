@@ -53,11 +53,23 @@ class MLPModel(MLPInterface):
         self.dtype = torch.float32
 
     @classmethod
-    def from_staged(cls, name: str, staged: StagedModel, config: Mapping[str, Any]) -> MLPModel:
+    def from_staged(
+        cls,
+        name: str,
+        staged: StagedModel,
+        config: Mapping[str, Any],
+        *,
+        tensors: Mapping[str, torch.Tensor] | None = None,
+    ) -> MLPModel:
+        """The MLP on the staged weights (or `tensors`, as warmpod.server.precision serves them), computing in the
+        first layer's weight dtype (bf16 weights: bf16 layers, the input cast to bf16, the outputs FP32)."""
         spec = MLPConfig.from_json(config)
         model = cls(name, staged.version, staged, spec)
-        module = build_on_meta(lambda: MLP(spec.sizes, spec.activation))
-        assign_weights(module, staged.tensors(), what=f"mlp model {name!r} version {staged.version}")
+        tensors = staged.tensors() if tensors is None else tensors
+        first = tensors.get("layers.0.weight")
+        dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+        module = build_on_meta(lambda: MLP(spec.sizes, spec.activation).to(dtype))
+        assign_weights(module, tensors, what=f"mlp model {name!r} version {staged.version}")
         model.module = module
         model.dtype = next(module.parameters()).dtype
         return model

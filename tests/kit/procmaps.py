@@ -43,3 +43,18 @@ def resident_kib(address: int) -> int:
             elif inside and line.startswith("Rss:"):
                 return int(line.split()[1])
     raise LookupError(address)
+
+
+def smaps_kib(pid: int | str = "self", path: str | None = None) -> dict[str, int]:
+    """The KiB fields of /proc/PID/smaps (Rss, Shared_Clean, Private_Dirty, ...) summed over the mappings of the file
+    `path`, or over every mapping when `path` is None."""
+    totals: dict[str, int] = {}
+    inside = path is None
+    with open(f"/proc/{pid}/smaps", encoding="utf-8") as f:
+        for line in f:
+            head = line.split(maxsplit=5)
+            if "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line: address range, perms, ...
+                inside = path is None or (len(head) > 5 and head[5].rstrip("\n") == path)
+            elif inside and len(head) == 3 and head[2] == "kB":
+                totals[head[0].rstrip(":")] = totals.get(head[0].rstrip(":"), 0) + int(head[1])
+    return totals
