@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from warmpod.cliargs import size_arg
 from warmpod.errors import UsageError, WarmpodError
+from warmpod.loader.convert import CHOICES, ConvertedLayout, check_converter, target_dtype
 from warmpod.loader.load import LoadEvents, LoadRequest, LoadResult, load
 from warmpod.loader.metrics import LoaderMetrics
 from warmpod.loader.plan import DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY, DEFAULT_MAX_BUFFER_BYTES
@@ -76,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_BUFFER_BYTES,
         help="most bytes of range data held in memory at once (default 256MiB)",
     )
+    p.add_argument(
+        "--dtype",
+        choices=CHOICES,
+        help="convert floating-point tensors (F64/F32/F16) to this dtype while staging: bf16 halves the store and runs "
+        "about 2x faster on CPUs with AVX512-BF16; integer tensors stay as they are. A separate version from the "
+        "as-is staging of the same source. Needs torch (the server image). fp16 is refused: slower than fp32 on "
+        "CPU. Default: tensors as the source has them",
+    )
     p.add_argument("--keep", type=int, default=2, help="published versions to keep (default 2)")
     p.add_argument(
         "--watch",
@@ -103,7 +112,12 @@ def parse_request(args: argparse.Namespace) -> LoadRequest:
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
+    dtype = None
+    if args.dtype is not None:
+        dtype = target_dtype(args.dtype)
+        check_converter()
     return LoadRequest(
+        dtype=dtype,
         uri=args.source,
         model=check_model_name(args.model),
         root=args.store,
@@ -155,6 +169,13 @@ class CliEvents(LoadEvents):
 
     def file_done(self, rel: str, size: int, reused: bool) -> None:
         self.log("file_staged", file=rel, bytes=size, reused_from_staging=reused)
+
+    def file_converted(self, rel: str, layout: ConvertedLayout, seconds: float) -> None:
+        fields: dict[str, Any] = {"file": rel, "dtype": layout.target, "converted": layout.converted}
+        fields |= {"kept": layout.kept, "bytes": layout.file_size, "seconds": round(seconds, 4)}
+        if layout.identity:
+            fields["note"] = f"no tensor to convert to {layout.target}: staged as the source has it"
+        self.log("file_converted", **fields)
 
     def finished(self, result: LoadResult) -> None:
         if self.bar is not None:

@@ -9,6 +9,13 @@ Order of work, and why:
 6. Re-check the source identity (it must not have changed during the load), build the manifest, publish, GC.
 A cancelled load (SIGTERM) removes its staging directory; a killed one (SIGKILL) leaves it for the next start.
 
+A converting load (LoadRequest.dtype, `warmpod load --dtype bf16`) stages each safetensors file as above, then
+writes its converted copy beside it in staging (one file at a time, so the store's peak is the source files plus
+the largest converted one: the capacity check counts that) and renames it over the source copy; only converted
+files are published. Its identity digest includes the dtype (`identity_digest`), so its version is never reused for
+an as-is load of the same source, nor the other way round. It reads the origin only: a mirror is ignored (with the
+reason in LoadResult.mirror_error and the mirror_abandoned event), since a mirror holds another staging's bytes.
+
 A mirror load (LoadRequest.mirror: a copy of the same source elsewhere, e.g. a peer node's published version)
 lists the origin as always and reads the bytes from the mirror instead: the origin's listing decides what is
 staged, and the version records the origin's URI and identity, as if loaded from it. The mirror is trusted for
@@ -31,6 +38,7 @@ from typing import Any
 from warmpod import __version__
 from warmpod.errors import WarmpodError
 from warmpod.loader.capacity import Room, cgroup_room, check_room, filesystem_room
+from warmpod.loader.convert import TARGETS, ConvertedLayout, plan_conversion, write_converted
 from warmpod.loader.errors import IntegrityError, InvalidModel, TransientError, UsageError, first_error
 from warmpod.loader.plan import RetryPolicy
 from warmpod.loader.publish import (
@@ -55,7 +63,7 @@ from warmpod.loader.sources import (
 )
 from warmpod.loader.stream import Events, Streamer, StreamSettings
 from warmpod.safetensors_header import PREFIX_BYTES, Header, header_length, parse_header
-from warmpod.store import check_model_name, current_version, version_dir
+from warmpod.store import check_model_name, current_version, read_manifest, version_dir
 
 JOURNAL = ".warmpod-staging.json"
 # Most headers fit in the first request; larger ones take a second read.
@@ -93,9 +101,13 @@ class LoadRequest:
     # against (a node's, served to peers) needs them. Implied by a mirror.
     record_sha256: bool = False
     mirror: Mirror | None = None
+    # Convert floating-point tensors to this safetensors dtype while staging (warmpod.loader.convert); None: as is.
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
         check_model_name(self.model)
+        if self.dtype is not None and self.dtype not in TARGETS.values():
+            raise UsageError(f"dtype {self.dtype!r}: the loader converts to {', '.join(sorted(TARGETS.values()))}")
         if self.keep < 1:
             raise UsageError(f"--keep must be at least 1, got {self.keep}")
         for rel, hexdigest in self.sha256.items():
@@ -116,6 +128,8 @@ class LoadResult:
     mirror_bytes: int = 0  # bytes fetched from the mirror (a file that failed to verify included)
     origin_bytes: int = 0  # bytes fetched from the origin (headers included, listings not)
     mirror_error: str | None = None  # why the mirror was refused or stopped being used; None: it served its files
+    dtype: str | None = None  # the dtype floating-point tensors were converted to (None: staged as the source has them)
+    converted_tensors: int = 0  # tensors converted (0 with a dtype: the source had no floating-point tensor to convert)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -127,6 +141,8 @@ class LoadResult:
             "seconds": round(self.seconds, 4),
             "reused": self.reused,
         }
+        if self.dtype is not None:
+            out |= {"dtype": self.dtype, "converted_tensors": self.converted_tensors}
         if self.mirror is not None:
             out |= {
                 "mirror": self.mirror,
@@ -154,6 +170,9 @@ class LoadEvents(Events):
     def mirror_abandoned(self, mirror: str, reason: str) -> None:
         """The mirror (redacted URI) was refused or failed; what it has not supplied comes from the origin."""
 
+    def file_converted(self, rel: str, layout: ConvertedLayout, seconds: float) -> None:
+        """A staged file was converted to `layout.target` (or, `layout.identity`, had nothing to convert)."""
+
 
 async def load(req: LoadRequest, events: LoadEvents | None = None) -> LoadResult:
     """Stage `req.uri` as a new version of `req.model` (or reuse an identical one). Raises LoaderError."""
@@ -175,7 +194,7 @@ async def load(req: LoadRequest, events: LoadEvents | None = None) -> LoadResult
 
 
 async def _load_locked(req: LoadRequest, source: Source, events: LoadEvents, started: float) -> LoadResult:
-    digest = source.digest
+    digest = identity_digest(source.files, req.dtype)
     existing = find_version(req.root, req.model, digest)
     if existing is not None:
         if current_version(req.root, req.model) != existing:
@@ -190,12 +209,14 @@ async def _load_locked(req: LoadRequest, source: Source, events: LoadEvents, sta
             time.monotonic() - started,
             reused=True,
             mirror=redact(req.mirror.url) if req.mirror else None,
+            dtype=req.dtype,
+            converted_tensors=_converted_count(read_manifest(req.root, req.model, existing)),
         )
 
     sdir = staging_dir(req.root, req.model, digest)
     clean_staging(req.root, req.model, keep=sdir)
     try:
-        return await _stage_and_publish(req, source, events, started, sdir)
+        return await _stage_and_publish(req, source, events, started, sdir, digest)
     except TransientError:
         _discard_incomplete(sdir, digest)  # completed files stay for the next attempt to reuse
         raise
@@ -205,9 +226,8 @@ async def _load_locked(req: LoadRequest, source: Source, events: LoadEvents, sta
 
 
 async def _stage_and_publish(
-    req: LoadRequest, source: Source, events: LoadEvents, started: float, sdir: Path
+    req: LoadRequest, source: Source, events: LoadEvents, started: float, sdir: Path, digest: str
 ) -> LoadResult:
-    digest = source.digest
     record_all = req.record_sha256 or req.mirror is not None
     sdir.mkdir(parents=True, exist_ok=True)
     journal = _read_journal(sdir, digest)
@@ -216,7 +236,7 @@ async def _stage_and_publish(
         for f in source.files
         if f.rel in journal
         and journal[f.rel]["size"] == f.size
-        and _size_of(sdir / f.rel) == f.size
+        and _size_of(sdir / f.rel) == journal[f.rel].get("staged_size", f.size)
         and (f.rel not in req.sha256 or journal[f.rel].get("sha256") == req.sha256[f.rel].lower())
         and (not record_all or journal[f.rel].get("sha256"))
     }
@@ -227,9 +247,13 @@ async def _stage_and_publish(
         with Streamer(source, req.settings, from_origin) as streamer:
             mirror.share_limits(streamer)
             headers, mirror_headers = await _validated_headers(streamer, source.files, mirror, from_origin)
+            layouts = {rel: plan_conversion(h, req.dtype, rel) for rel, h in headers.items()} if req.dtype else {}
             to_copy = [f for f in source.files if f.rel not in done]
             needed = sum(f.size for f in to_copy)
-            check_room(needed, _rooms(req))
+            # Files convert one at a time, each beside its source copy: the peak is every source plus one converted.
+            converting = [layouts[f.rel].file_size for f in to_copy if f.rel in layouts and not layouts[f.rel].identity]
+            check_room(needed + max(converting, default=0), _rooms(req))
+            one_at_a_time = asyncio.Lock()
             events.started(req.uri, req.model, source.files, needed)
             for rel in done:
                 events.file_done(rel, journal[rel]["size"], reused=True)
@@ -245,7 +269,12 @@ async def _stage_and_publish(
                         headers[f.rel] = _staged_header(dest, f.rel)
                     elif f.rel in headers:
                         _check_staged_header(dest, f.rel, headers[f.rel])
-                done[f.rel] = {"size": f.size, "sha256": sha}
+                entry: dict[str, Any] = {"size": f.size, "sha256": sha}
+                layout = layouts.get(f.rel)
+                if layout is not None:  # journaled once converted: a resumed load never takes a source copy for done
+                    async with one_at_a_time:
+                        entry |= await _convert(dest, layout, sha, events)
+                done[f.rel] = entry
                 _write_journal(sdir, digest, done)
                 events.file_done(f.rel, f.size, reused=False)
 
@@ -256,11 +285,14 @@ async def _stage_and_publish(
     finally:
         await mirror.aclose()
 
-    if identity_digest(await source.refresh()) != digest:
+    if identity_digest(await source.refresh(), req.dtype) != digest:
         raise IntegrityError(
             f"{redact(source.uri)}: source changed during load; nothing was published — retry when it is stable"
         )
-    manifest = build_manifest(source, headers, done, started)
+    staged_headers = {rel: layouts[rel].header if rel in layouts else h for rel, h in headers.items()}
+    manifest = build_manifest(source, staged_headers, done, started, digest)
+    if req.dtype is not None:
+        manifest["conversion"] = conversion_record(req.dtype, source.digest, layouts, done)
     if (sdir / INDEX_FILE).is_file():
         check_weight_map(_read_index(sdir / INDEX_FILE), manifest["tensors"])
     (sdir / JOURNAL).unlink()
@@ -278,7 +310,41 @@ async def _stage_and_publish(
         mirror_bytes=mirror.fetched,
         origin_bytes=from_origin.bytes,
         mirror_error=mirror.error,
+        dtype=req.dtype,
+        converted_tensors=_converted_count(manifest),
     )
+
+
+async def _convert(dest: Path, layout: ConvertedLayout, source_sha: str | None, events: LoadEvents) -> dict[str, Any]:
+    """Replace the staged source copy `dest` by its conversion (written beside it, then renamed over it: staging
+    never holds a half-converted file under the file's name). Returns the journal's fields for the converted file;
+    its sha256 is computed whenever the source's was (the manifest records the staged bytes' own)."""
+    began = time.monotonic()
+    if layout.identity:
+        events.file_converted(layout.file, layout, time.monotonic() - began)
+        return {}
+    partial = dest.with_name(dest.name + ".converting")
+    sha = await asyncio.to_thread(write_converted, dest, partial, layout, source_sha is not None)
+    partial.rename(dest)
+    events.file_converted(layout.file, layout, time.monotonic() - began)
+    return {"staged_size": layout.file_size, "staged_sha256": sha}
+
+
+def conversion_record(
+    dtype: str, source_digest: str, layouts: Mapping[str, ConvertedLayout], done: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The manifest's "conversion" record (see FORMAT in warmpod.store): the target dtype, the identity digest of the
+    source as it is, and per safetensors file what was converted and the source file's size and sha256."""
+    return {
+        "dtype": dtype,
+        "source_digest": source_digest,
+        "files": {rel: layouts[rel].record(done[rel]["size"], done[rel].get("sha256")) for rel in sorted(layouts)},
+    }
+
+
+def _converted_count(manifest: Mapping[str, Any]) -> int:
+    files = (manifest.get("conversion") or {}).get("files", {})
+    return sum(sum(entry["converted"].values()) for entry in files.values())
 
 
 def plan_mirror(
@@ -338,6 +404,10 @@ class _MirrorUse:
     async def open(cls, req: LoadRequest, origin: Source, events: LoadEvents) -> _MirrorUse:
         if req.mirror is None:
             return cls(events, "", None, frozenset())
+        if req.dtype is not None:
+            use = cls(events, redact(req.mirror.url), None, frozenset())
+            use.abandon(f"a --dtype {req.dtype} load reads the origin only (a mirror holds another staging's bytes)")
+            return use
         usable, refused = plan_mirror(origin.files, origin.digest, req.mirror, req.sha256)
         use = cls(events, redact(req.mirror.url), None, usable)
         if refused is not None:
@@ -476,9 +546,14 @@ def _rooms(req: LoadRequest) -> list[Room]:
 
 
 def build_manifest(
-    source: Source, headers: dict[str, Header], done: dict[str, dict[str, Any]], started: float
+    source: Source,
+    headers: dict[str, Header],
+    done: dict[str, dict[str, Any]],
+    started: float,
+    digest: str | None = None,
 ) -> dict[str, Any]:
-    """The manifest of a staged version (see FORMAT in warmpod.store)."""
+    """The manifest of a staged version (see FORMAT in warmpod.store). `headers`: the staged files' (converted ones
+    when the load converts); `digest`: the version's identity digest (the source's, unless the load converts)."""
     tensors: dict[str, dict[str, Any]] = {}
     for rel in sorted(headers):
         h = headers[rel]
@@ -495,13 +570,13 @@ def build_manifest(
         "source": {
             "uri": redact(source.uri),
             "identity": {f.rel: f.identity for f in source.files},
-            "digest": source.digest,
+            "digest": digest or source.digest,
         },
         "files": [
             {
                 "path": f.rel,
-                "size": f.size,
-                "sha256": done[f.rel].get("sha256"),
+                "size": done[f.rel].get("staged_size", f.size),
+                "sha256": done[f.rel].get("staged_sha256", done[f.rel].get("sha256")),
                 "kind": "safetensors" if f.is_safetensors else "aux",
             }
             for f in source.files

@@ -103,10 +103,14 @@ def plain_md5(identity: dict[str, str]) -> str | None:
     return None
 
 
-def identity_digest(files: Iterable[SourceFile]) -> str:
-    """A digest of what the source holds now: the same files with the same identities give the same digest."""
-    canon = json.dumps(sorted((f.rel, f.identity) for f in files), sort_keys=True).encode()
-    return hashlib.sha256(canon).hexdigest()
+def identity_digest(files: Iterable[SourceFile], dtype: str | None = None) -> str:
+    """A digest of what the source holds now: the same files with the same identities give the same digest.
+
+    With `dtype` (a load that converts its floating-point tensors to it), the digest of that staging of the source:
+    a bf16 and an as-is staging of the same files differ, so neither is ever reused for the other."""
+    files_canon = sorted((f.rel, f.identity) for f in files)
+    canon = json.dumps(files_canon if dtype is None else {"files": files_canon, "dtype": dtype}, sort_keys=True)
+    return hashlib.sha256(canon.encode()).hexdigest()
 
 
 def select_files(entries: dict[str, dict[str, Any]], uri: str) -> list[str]:

@@ -21,13 +21,18 @@ Rules:
 2. A version directory MUST be complete before it appears under versions/: the loader builds it in staging/, writes
    manifest.json last, and renames the directory into versions/ (rename is atomic on one filesystem).
 3. Published files MUST NOT change: they are mode 0444 and nobody writes them. Every *.safetensors file MUST pass
-   the safetensors header rules (see warmpod.safetensors_header) and be byte-identical to its source.
+   the safetensors header rules (see warmpod.safetensors_header) and be byte-identical to its source, or, in a
+   converted version (manifest "conversion"), hold the same tensors with every F64/F32/F16 one converted to the
+   conversion's dtype (round to nearest even) and every other one byte-identical.
 4. `current` MUST only be replaced by renaming a fresh symlink over it, and only to a complete version.
 5. manifest.json is a JSON object with: "format" ("warmpod-store/1"), "model", "version", "source" ({"uri": with
-   credentials removed, "identity": per-file identity (size, ETag/mtime/...), "digest": sha256 of that identity}),
-   "files" ([{"path", "size", "sha256" (hex or null when not computed), "kind": "safetensors"|"aux"}]),
+   credentials removed, "identity": per-file identity (size, ETag/mtime/...), "digest": sha256 of that identity, and
+   of the conversion's dtype in a converted version}), "files" ([{"path", "size", "sha256" (hex or null when not
+   computed), "kind": "safetensors"|"aux"}]: the published bytes' size and sha256),
    "tensors" ({name: {"file", "dtype", "shape", "offsets": [begin, end] absolute in the file}}),
-   "loader_version", "created_at" (RFC 3339 UTC), "load_seconds".
+   "loader_version", "created_at" (RFC 3339 UTC), "load_seconds"; a converted version also has "conversion"
+   ({"dtype": e.g. "BF16", "source_digest": the source identity's digest without the dtype, "files": {path:
+   {"source_size", "source_sha256" (hex or null), "converted": {source dtype: tensors}, "kept": {dtype: tensors}}}}).
 6. The loader keeps the newest K versions (default 2) plus `current`, and removes older ones. A reader that has
    mapped a version keeps valid memory after removal (tmpfs frees pages only when the last mapping goes); a reader
    opening a version MUST retry from `current` if a file vanished under it.
@@ -190,6 +195,13 @@ class StagedModel:
             n: TensorEntry(n, t["file"], t["dtype"], tuple(t["shape"]), t["offsets"][0], t["offsets"][1])
             for n, t in self.manifest["tensors"].items()
         }
+
+    @property
+    def conversion(self) -> dict[str, Any] | None:
+        """How the loader converted this version's tensors (FORMAT rule 5: "dtype", "source_digest", per file what was
+        converted), or None when they are as the source has them."""
+        conversion = self.manifest.get("conversion")
+        return conversion if isinstance(conversion, dict) else None
 
     def buffer(self, name: str) -> memoryview:
         """A tensor's raw bytes as a read-only memoryview of the mapping (for consumers without torch)."""

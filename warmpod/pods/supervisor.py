@@ -69,6 +69,7 @@ class UpConfig:
     port: int = 8080
     interval_s: float = 1.0
     watch_s: float | None = None  # the loader keeps watching the source (None: one load)
+    dtype: str | None = None  # the loader's --dtype (bf16): floating-point tensors converted while staging
     status_port: int = 0
     serve_args: tuple[str, ...] = ()  # passed to every `warmpod serve`
     drain_grace_s: float = 25.0  # the workers' --drain-grace: how long stopping waits for them
@@ -82,6 +83,7 @@ class UpConfig:
 
     def loader_command(self) -> list[str]:
         cmd = [*self.warmpod(), "load", self.source, "--model", self.model, "--store", str(self.store)]
+        cmd += ["--dtype", self.dtype] if self.dtype is not None else []
         return cmd + (["--watch", f"{self.watch_s:g}"] if self.watch_s is not None else [])
 
     def worker_command(self, port: int) -> list[str]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from warmpod.cliargs import positive, quantile
 from warmpod.errors import UsageError
+from warmpod.loader.convert import CHOICES, target_dtype
 from warmpod.pods.policy import PolicyConfig, PolicyError
 from warmpod.server.auth import exposure_problem
 from warmpod.server.cli import build_parser as serve_parser
@@ -111,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the loader running: poll the source every SECONDS",
     )
     p.add_argument(
+        "--dtype",
+        choices=CHOICES,
+        help="the loader's --dtype: stage floating-point tensors as bf16 (half the memory, faster on CPU); "
+        "fp16 is refused (slower than fp32 on CPU). Default: as the source has them",
+    )
+    p.add_argument(
         "--status-port",
         type=int,
         default=0,
@@ -145,6 +152,9 @@ def config_from_args(args: argparse.Namespace, serve_args: Sequence[str]) -> UpC
     from warmpod.pods.supervisor import UpConfig
     from warmpod.store import check_model_name
 
+    if args.dtype is not None:  # refused here (fp16) rather than by the loader once the supervisor runs
+        target_dtype(args.dtype)
+
     config = UpConfig(
         source=args.source,
         model=args.model,
@@ -154,6 +164,7 @@ def config_from_args(args: argparse.Namespace, serve_args: Sequence[str]) -> UpC
         port=args.port,
         interval_s=args.interval,
         watch_s=args.watch,
+        dtype=args.dtype,
         status_port=args.status_port,
         flags=FLAGS,
     )
