@@ -161,6 +161,11 @@ def plan_conversion(header: Header, target: str, file: str) -> ConvertedLayout:
 # ---------------------------------------------------------------- the shell: the staged source → the converted file
 
 
+def load_converter() -> None:
+    """Import torch (about a second): a converting load runs this beside its streaming."""
+    import torch  # noqa: F401
+
+
 def write_converted(source: Path, dest: Path, layout: ConvertedLayout, want_sha256: bool) -> str | None:
     """Write `layout`'s file at `dest` from the staged `source` (memory-mapped, read in place): the converted
     tensors through one bounded buffer (torch's round-to-nearest-even, as `.to(torch.bfloat16)`), the rest copied
