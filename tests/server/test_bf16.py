@@ -28,7 +28,7 @@ from tests.kit.models import minilm_dir, mlp_reference, write_mlp
 from tests.kit.precision import bf16_copy
 from tests.kit.procmaps import mappings, smaps_kib
 from tests.kit.sentences import LENGTH_BANDS, retrieval_queries, sentences
-from tests.kit.warmpod import WarmpodServer, stage
+from tests.kit.warmpod import WarmpodServer, result_json, run_load, stage
 from warmpod.server.families import build_model
 from warmpod.server.families.bert import BertEncoder, pad_batch
 from warmpod.server.families.mlp import MLPModel
@@ -419,3 +419,24 @@ def test_the_start_line_names_the_dtype_the_loader_converted_from(store: Path) -
         assert model.precision.describe().startswith("weights bf16 (staged by the loader from F32), computed in bf16")
     finally:
         model.close()
+
+
+def test_a_store_converted_by_warmpod_load_dtype_bf16_is_served_in_bf16(
+    servers: dict[str, WarmpodServer], store: Path, texts: list[str], tmp_path: Path
+) -> None:
+    """End to end through the loader's conversion: `warmpod load --dtype bf16` of the fp32 MiniLM, `warmpod serve`
+    on it saying what the loader converted from, the same answers as the bf16 store made here (the same rounding),
+    within cosine 0.999 of the fp32 server's."""
+    loaded = result_json(run_load(MINILM, "--model", "loaded", "--store", store, "--dtype", "bf16"))
+    staged = open_model(store, "loaded")
+    assert {e.dtype for e in staged.tensor_index.values()} == {"BF16", "I64"}
+    assert loaded["version"] == staged.version
+    subset = texts[:30]
+    with WarmpodServer(store, "loaded", log_dir=tmp_path) as server:
+        got = openai_vectors(server, "loaded", subset)
+        log = server.log()
+    cpu = detect_cpu()
+    said = "computed in bf16" if cpu.native else "upcast to fp32 at start"
+    assert "weights bf16 (staged by the loader from F32)" in log and said in log
+    assert float(np.abs(got - openai_vectors(servers["bf16"], "bf16", subset)).max()) <= 1e-6
+    assert_within_cosine(got, openai_vectors(servers["fp32"], "fp32", subset), subset, "loader's bf16 vs fp32")
