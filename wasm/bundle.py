@@ -36,6 +36,7 @@ from warmpod.server.families.sentence import (
     select_encoder_tensors,
 )
 from warmpod.server.model import weight_problems
+from warmpod.server.precision import conversion_source
 from warmpod.store import InvalidWeights, StoreError, open_model
 
 FORMAT = "warmpod-edge"
@@ -367,8 +368,27 @@ def staged_version(store: Path, model: str, name: str | None = None) -> ModelFil
     def load() -> dict[str, np.ndarray]:
         return {n: as_array(staged.buffer(n), e.dtype, e.shape, 0, n) for n, e in staged.tensor_index.items()}
 
-    source = {"store": str(store), "model": model, "version": staged.version}
+    source: dict[str, Any] = {"store": str(store), "model": model, "version": staged.version}
+    if any(e.dtype == "BF16" for e in staged.tensor_index.values()):
+        # bf16 (`warmpod load --dtype bf16`): widened to fp32 exactly; the bundle's precision is made from those.
+        source["weights_dtype"] = "bf16"
+        converted = conversion_source(staged.manifest, staged.conversion)
+        if converted is not None:
+            source["converted_from"] = converted
     return ModelFiles(name or model, staged.file_path, load, source)
+
+
+def source_note(source: Mapping[str, Any]) -> str | None:
+    """What `warmpod edge compile` says of a bf16 source (None for any other): its weights are widened to fp32
+    exactly, and the bundle's accuracy is measured against those, not against the fp32 it was converted from."""
+    if source.get("weights_dtype") != "bf16":
+        return None
+    converted = f" (staged by the loader from {source['converted_from']})" if source.get("converted_from") else ""
+    return (
+        f"the store's weights are bf16{converted}: widened to fp32 exactly for the engine, which computes in "
+        "fp32/fp16/int8; the bundle's error is measured against those bf16 values, not the original fp32 "
+        "(bench/accuracy_bench.py measures bf16 against fp32)"
+    )
 
 
 @bundle_errors

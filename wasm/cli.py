@@ -14,7 +14,15 @@ from warmpod.cliargs import size_arg
 from warmpod.errors import WarmpodError
 from warmpod.server.cli import add_serving_arguments, serve, serving_config
 from warmpod.store import DEFAULT_ROOT
-from warmpod.wasm.bundle import DTYPES, bundle_name, from_model, model_directory, staged_version, write_bundle
+from warmpod.wasm.bundle import (
+    DTYPES,
+    bundle_name,
+    from_model,
+    model_directory,
+    source_note,
+    staged_version,
+    write_bundle,
+)
 from warmpod.wasm.host import DEFAULT_CACHE, ENGINE_WASM
 
 USAGE = "usage: warmpod edge {compile,serve} ...\n\nRun 'warmpod edge compile --help' or 'warmpod edge serve --help'."
@@ -76,6 +84,9 @@ def run_compile(args: argparse.Namespace) -> int:
         files = (
             staged_version(args.store, args.model, args.name) if args.store else model_directory(args.source, args.name)
         )
+        note = source_note(files.source)
+        if note is not None:
+            print(f"warmpod edge compile: {note}", file=sys.stderr)
         fp32 = from_model(files)
         bundle = fp32 if args.dtype == "fp32" else fp32.with_dtype(args.dtype)
         bundle.accuracy = measure_accuracy(fp32, bundle, args.engine, None if args.no_cache else args.cache_dir)
@@ -89,7 +100,8 @@ def run_compile(args: argparse.Namespace) -> int:
         print(f"warmpod edge compile: error: {e}", file=sys.stderr)
         return e.exit_code
     size = sum(f.stat().st_size for f in out.iterdir())
-    report = f"wrote {out} ({bundle.graph.kind}, {args.dtype}, {size / 1e6:.1f} MB)"
+    origin = ", from bf16 weights" if note is not None else ""
+    report = f"wrote {out} ({bundle.graph.kind}, {args.dtype}, {size / 1e6:.1f} MB{origin})"
     if args.dtype != "fp32":
         cosine = bundle.accuracy.get("min_cosine")
         report += f"; max abs error vs fp32 {error:.3g}" + (f", min cosine {cosine:.6f}" if cosine is not None else "")
