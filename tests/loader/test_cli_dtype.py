@@ -16,10 +16,12 @@ from safetensors.torch import load_file
 from tests.kit.http_range import RangeHTTPServer
 from tests.kit.models import minilm_dir, sha256_file, write_model, write_model_dir
 from tests.kit.warmpod import error_line, events, published_nothing, result_json, run_load, run_warmpod
+from warmpod.loader.convert import plan_conversion
 from warmpod.loader.load import LoadEvents, LoadRequest, Mirror, load
 from warmpod.loader.sources import SourceFile, identity_digest
 from warmpod.pods.up import build_parser as build_up_parser
 from warmpod.pods.up import config_from_args
+from warmpod.safetensors_header import PREFIX_BYTES, header_length, parse_header
 from warmpod.store import open_model
 
 FLOATS = (torch.float64, torch.float32, torch.float16)
@@ -203,3 +205,24 @@ def test_warmpod_up_refuses_fp16_before_anything_starts(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "warmpod up: error: --dtype fp16: this CPU path runs fp16 slower than fp32" in proc.stderr
     assert not store.exists()
+
+
+def test_the_capacity_check_counts_the_source_and_its_conversion(tmp_path: Path) -> None:
+    """Room for the source alone is not enough: the converted file is written beside the staged source."""
+    src = write_model(tmp_path / "src" / "w.safetensors", scale=40)
+    size = src.stat().st_size
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    (cgroup / "memory.max").write_text(f"{size + size // 4}\n")
+    (cgroup / "memory.current").write_text("0\n")
+    env = {"WARMPOD_CGROUP_ROOT": str(cgroup)}
+    store = tmp_path / "store"
+    proc = run_load(src, "--model", "m", "--store", store, "--dtype", "bf16", env=env)
+    assert proc.returncode == 7, proc.stderr
+    blob = src.read_bytes()
+    header = parse_header(blob[PREFIX_BYTES : PREFIX_BYTES + header_length(blob, "w")], "w", size)
+    converted = plan_conversion(header, "BF16", "w").file_size
+    line = error_line(proc)
+    assert "store too small: need" in line and f"({size + converted} bytes), available" in line
+    assert published_nothing(store, "m")
+    result_json(run_load(src, "--model", "m", "--store", store, env=env))  # as is, it fits
