@@ -73,12 +73,12 @@ class ServedModel(abc.ABC):
     """A model ready to serve. `run` is called from one worker thread at a time; everything else from the loop."""
 
     family: str = "?"
+    precision: WeightsPrecision | None = None  # how its weights are stored and computed (set by build_model)
 
     def __init__(self, name: str, version: str, staged: StagedModel | None) -> None:
         self.name = name
         self.version = version
         self.staged = staged  # keeps the read-only mappings alive while this model serves
-        self.precision: WeightsPrecision | None = None  # how its weights are stored and computed (set by build_model)
 
     @property
     @abc.abstractmethod
@@ -191,6 +191,11 @@ def assign_weights(module: nn.Module, tensors: Mapping[str, torch.Tensor], *, wh
         if k in tensors and (tuple(tensors[k].shape) != tuple(v.shape) or tensors[k].dtype != v.dtype)
     ]
     problems = weight_problems(missing, extra, wrong)
+    if any(k in tensors and tensors[k].dtype != v.dtype for k, v in expected.items()):
+        problems += (
+            ". The module's dtypes must be the staged weights': build it in their dtype (a store staged with "
+            "--dtype bf16: .to(torch.bfloat16)), or stage the dtype the module is built in"
+        )
     if problems:
         raise ModelError(f"{what}: the staged weights do not fit the model — {problems}")
     module.load_state_dict(dict(tensors), strict=True, assign=True)

@@ -9,5 +9,7 @@ models        generated models: safetensors files, sharded and broken ones, the 
 warmpod       warmpod's CLI run to the end, stage(), its server as a child process (ServerProcess, WarmpodServer)
 clients       one HTTP request, a JSON POST, a closed-loop load (LoadThread)
 metrics       /metrics read (Scrape) and written by hand (MetricsPage)
-procmaps      a process's memory mappings from /proc
+procmaps      a process's memory mappings from /proc, and their smaps figures
+precision     models in other precisions: a model directory's bf16 copy
+sentences     a fixed set of generated sentences of varied length, and a retrieval task over them
 """

@@ -22,6 +22,7 @@ import openai
 import pytest
 import torch
 import tritonclient.http as triton
+from safetensors.torch import save_file
 
 from tests.kit.metrics import Scrape
 from tests.kit.models import minilm_dir, mlp_reference, write_mlp
@@ -29,6 +30,7 @@ from tests.kit.precision import bf16_copy
 from tests.kit.procmaps import mappings, smaps_kib
 from tests.kit.sentences import LENGTH_BANDS, retrieval_queries, sentences
 from tests.kit.warmpod import WarmpodServer, result_json, run_load, stage
+from warmpod.server.errors import ModelError
 from warmpod.server.families import build_model
 from warmpod.server.families.bert import BertEncoder, pad_batch
 from warmpod.server.families.mlp import MLPModel
@@ -50,6 +52,7 @@ EMULATED = CpuBf16(())
 MIN_COSINE = 0.999  # the issue's bound for bf16 MiniLM embeddings against fp32
 TEST_SENTENCES = 150  # of bench/accuracy_bench.py's 500 (same generator, same seed): about 3 s per precision
 MiB = 1 << 20
+INPUT = {"name": "input", "datatype": "FP32", "shape": [-1, 3]}
 
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -323,6 +326,33 @@ def test_bf16_mlp_serves_fp32_outputs_close_to_its_fp32_source(store: Path, cpu:
         scale = float(np.abs(reference).max())
         diff = float(np.abs(out["logits"] - reference).max())
         assert diff <= 0.03 * scale, f"bf16 logits differ from fp32 by {diff:.3g} (scale {scale:.3g})"
+    finally:
+        model.close()
+
+
+# ---------------------------------------------------------------- a --factory module
+
+
+def test_a_factory_module_must_be_built_in_the_weights_dtype(store: Path, tmp_path: Path) -> None:
+    """The factory's module keeps its own dtypes: an fp32 module on bf16 weights is refused at start on a bf16 CPU,
+    naming each tensor and the fix; upcast (a CPU without bf16) the weights fit it."""
+    source = tmp_path / "linear"
+    source.mkdir()
+    weights = {"weight": torch.randn(2, 3).to(torch.bfloat16), "bias": torch.zeros(2, dtype=torch.bfloat16)}
+    save_file(weights, str(source / "model.safetensors"))
+    (source / "config.json").write_text(json.dumps({"in": 3, "out": 2, "inputs": [INPUT]}))
+    stage(source, store, "linear")
+    with pytest.raises(ModelError) as refused:
+        build_model(open_model(store, "linear"), factory="tests.server.factories:linear", cpu=NATIVE)
+    message = str(refused.value)
+    assert "weight is (2, 3) torch.bfloat16, the model wants (2, 3) torch.float32" in message
+    assert "build it in their dtype (a store staged with --dtype bf16: .to(torch.bfloat16))" in message
+    model = build_model(open_model(store, "linear"), factory="tests.server.factories:linear", cpu=EMULATED)
+    try:
+        x = np.ones((1, 3), dtype=np.float32)
+        out = model.run([model.prepare({"input": Tensor("input", "FP32", x.shape, x)})])[0]["output"]
+        want = (weights["weight"].float() @ torch.ones(3)).numpy()
+        assert np.allclose(out[0], want, atol=1e-5) and model.precision is not None and model.precision.upcast
     finally:
         model.close()
 
