@@ -28,6 +28,7 @@ from tests.kit.metrics import Scrape
 from tests.kit.models import minilm_dir, mlp_reference, write_mlp
 from tests.kit.precision import bf16_copy
 from tests.kit.procmaps import mappings, smaps_kib
+from tests.kit.procs import wait_until
 from tests.kit.sentences import LENGTH_BANDS, retrieval_queries, sentences
 from tests.kit.warmpod import WarmpodServer, result_json, run_load, stage
 from warmpod.server.errors import ModelError
@@ -470,3 +471,22 @@ def test_a_store_converted_by_warmpod_load_dtype_bf16_is_served_in_bf16(
     assert "weights bf16 (staged by the loader from F32)" in log and said in log
     assert float(np.abs(got - openai_vectors(servers["bf16"], "bf16", subset)).max()) <= 1e-6
     assert_within_cosine(got, openai_vectors(servers["fp32"], "fp32", subset), subset, "loader's bf16 vs fp32")
+
+
+def test_restaging_as_bf16_swaps_in_without_a_restart(store: Path, texts: list[str], tmp_path: Path) -> None:
+    """An fp32 model re-staged with `warmpod load --dtype bf16` is a new version: the running server swaps it in,
+    and the weights metric moves from the fp32 version to the bf16 one."""
+    stage(MINILM, store, "swap")
+    subset = texts[:12]
+    with WarmpodServer(store, "swap", log_dir=tmp_path) as server:
+        before = openai_vectors(server, "swap", subset)
+        result_json(run_load(MINILM, "--model", "swap", "--store", store, "--dtype", "bf16"))
+        wait_until(lambda: "swapped swap: version 1 -> 2" in server.log(), timeout=60, what="version 2 swapped in")
+        after = openai_vectors(server, "swap", subset)
+        scrape = Scrape(server.url)
+    computed = "bf16" if detect_cpu().native else "fp32"
+    info = "warmpod_model_weights_info"
+    assert scrape.value(info, model="swap", version="1", stored="fp32", computed="fp32") == 0
+    assert scrape.value(info, model="swap", version="2", stored="bf16", computed=computed) == 1
+    assert float(np.abs(after - before).max()) > 0  # the bf16 weights answer now
+    assert_within_cosine(after, before, subset, "after the swap to bf16 vs fp32 before")
