@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,10 @@ from safetensors.torch import load_file
 from tests.kit.http_range import RangeHTTPServer
 from tests.kit.models import minilm_dir, sha256_file, write_model, write_model_dir
 from tests.kit.warmpod import error_line, events, published_nothing, result_json, run_load, run_warmpod
-from warmpod.loader.convert import plan_conversion
-from warmpod.loader.load import LoadEvents, LoadRequest, Mirror, load
-from warmpod.loader.sources import SourceFile, identity_digest
+from warmpod.loader.convert import ConvertedLayout, plan_conversion
+from warmpod.loader.load import JOURNAL, LoadEvents, LoadRequest, Mirror, load
+from warmpod.loader.publish import staging_dir
+from warmpod.loader.sources import SourceFile, identity_digest, open_source
 from warmpod.pods.up import build_parser as build_up_parser
 from warmpod.pods.up import config_from_args
 from warmpod.safetensors_header import PREFIX_BYTES, header_length, parse_header
@@ -226,3 +228,55 @@ def test_the_capacity_check_counts_the_source_and_its_conversion(tmp_path: Path)
     assert "store too small: need" in line and f"({size + converted} bytes), available" in line
     assert published_nothing(store, "m")
     result_json(run_load(src, "--model", "m", "--store", store, env=env))  # as is, it fits
+
+
+class StagedEvents(LoadEvents):
+    def __init__(self) -> None:
+        self.reused: list[str] = []
+        self.converted: list[str] = []
+
+    def file_done(self, rel: str, size: int, reused: bool) -> None:
+        if reused:
+            self.reused.append(rel)
+
+    def file_converted(self, rel: str, layout: ConvertedLayout, seconds: float) -> None:
+        self.converted.append(rel)
+
+
+def test_a_resumed_converting_load_reuses_converted_files_only(tmp_path: Path) -> None:
+    """After a killed load, staging holds a converted shard (journaled) and a source copy of the other, which a
+    journal entry claims: only the file whose size is the converted one is reused; the other is staged again."""
+    src = write_model_dir(tmp_path / "src", shards=2)
+    one, two = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    fresh = tmp_path / "fresh"
+    asyncio.run(load(LoadRequest(uri=str(src), model="m", root=fresh, dtype="BF16")))
+    converted = {rel: fresh / "m" / "current" / rel for rel in (one, two)}
+
+    async def digest() -> str:
+        source = await open_source(str(src))
+        try:
+            return identity_digest(source.files, "BF16")
+        finally:
+            await source.aclose()
+
+    store = tmp_path / "store"
+    version_digest = asyncio.run(digest())
+    sdir = staging_dir(store, "m", version_digest)
+    sdir.mkdir(parents=True)
+    shutil.copyfile(converted[one], sdir / one)
+    shutil.copyfile(src / two, sdir / two)  # the source copy, not yet converted when the load was killed
+    done = {
+        rel: {"size": (src / rel).stat().st_size, "sha256": None, "staged_size": converted[rel].stat().st_size}
+        for rel in (one, two)
+    }
+    (sdir / JOURNAL).write_text(json.dumps({"digest": version_digest, "done": done}))
+    heard = StagedEvents()
+    result = asyncio.run(load(LoadRequest(uri=str(src), model="m", root=store, dtype="BF16"), heard))
+    assert result.version == "1" and heard.reused == [one] and heard.converted == [two]
+    published = store / "m" / "current"
+    assert {rel: sha256_file(published / rel) for rel in (one, two)} == {
+        rel: sha256_file(path) for rel, path in converted.items()
+    }
+    for rel in (one, two):
+        assert_converted(src / rel, published / rel)
+    assert manifest_of(store, "m")["conversion"]["files"] == manifest_of(fresh, "m")["conversion"]["files"]
