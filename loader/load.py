@@ -121,7 +121,7 @@ class LoadResult:
     version: str
     path: Path
     digest: str
-    bytes: int  # bytes written in this run (0 when an identical version was already published)
+    bytes: int  # source bytes staged in this run (0 when an identical version was already published)
     seconds: float
     reused: bool  # true when the source's identity was already published (nothing copied)
     mirror: str | None = None  # the mirror's URI (redacted) when the request named one
