@@ -1,5 +1,5 @@
 """Dtype conversion while staging (`warmpod load --dtype bf16`): the converted file's layout, planned from the source's
-header alone (pure), and the copy that writes it from the staged source with torch (the shell, `write_converted`).
+header alone (pure), and the copy that writes it from the staged source with numpy (the shell, `write_converted`).
 
 What converts: every floating-point tensor of 16 bits or more (F64, F32, F16) becomes the target dtype; integer and
 bool tensors, 8-bit and smaller float formats (quantized weights: converting would grow them) and tensors already in
@@ -17,11 +17,12 @@ import math
 import mmap
 import os
 import struct
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from warmpod.errors import UsageError
 from warmpod.loader.errors import IntegrityError
@@ -38,8 +39,8 @@ FP16_REFUSED = (
     "(half the memory, 2x faster than fp32)"
 )
 CONVERTED_FROM = frozenset({"F64", "F32", "F16"})
-_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-CHUNK_ELEMENTS = 8 << 20  # converted per step: bounds the loader's own memory at 16 MiB of output
+_NUMPY_DTYPES: dict[str, np.dtype[Any]] = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2")}
+CHUNK_ELEMENTS = 4 << 20  # converted per step: bounds the loader's own memory (~40 MiB of temporaries)
 
 
 def target_dtype(choice: str) -> str:
@@ -55,12 +56,9 @@ def target_dtype(choice: str) -> str:
 
 
 def check_converter() -> None:
-    """Conversion runs on torch, which the loader's own image leaves out: say so before anything is fetched."""
-    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("numpy") is None:
-        raise UsageError(
-            "--dtype converts with torch, which is not installed here (the loader image ships without it): "
-            "install warmpod[server], or run `warmpod load --dtype ...` from the server image"
-        )
+    """Conversion runs on numpy (the loader extra has it): say so before anything is fetched if it is missing."""
+    if importlib.util.find_spec("numpy") is None:
+        raise UsageError("--dtype converts with numpy, which is not installed here: install warmpod[loader]")
 
 
 @dataclass(frozen=True)
@@ -118,7 +116,7 @@ def plan_conversion(header: Header, target: str, file: str) -> ConvertedLayout:
 
     Tensors are laid out by element size, largest first, then in source order, so that every tensor starts at a
     multiple of its element size (the data section starts 8-byte aligned); metadata is kept as it is."""
-    if target not in _TORCH_NAMES:
+    if target not in TARGETS.values():
         raise UsageError(f"cannot convert to {target}: the loader converts to {', '.join(sorted(TARGETS.values()))}")
     out_dtype = {
         t.name: (target if t.dtype in CONVERTED_FROM and t.dtype != target else t.dtype) for t in header.tensors
@@ -158,24 +156,26 @@ def plan_conversion(header: Header, target: str, file: str) -> ConvertedLayout:
     )
 
 
-# ---------------------------------------------------------------- the shell: the staged source → the converted file
+# ---------------------------------------------------------------- the rounding (pure) and the shell
 
 
-def load_converter() -> None:
-    """Import torch (about a second): a converting load runs this beside its streaming."""
-    import torch  # noqa: F401
+def bf16_bits(values: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) of `values` (taken as float32), rounded to nearest, ties to even — what torch's
+    `.to(torch.bfloat16)` gives, bit for bit: the upper 16 bits of each float32 after adding 0x7FFF plus the lowest
+    kept bit; a NaN becomes the NaN torch writes (0xFFFF) instead of rounding into infinity. Pure."""
+    values = values.astype(np.float32, copy=False)
+    bits = values.view(np.uint32)
+    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16
+    rounded[np.isnan(values)] = 0xFFFF  # the one NaN torch's CPU conversion writes, whatever the sign or payload
+    return rounded.astype(np.uint16)
 
 
 def write_converted(source: Path, dest: Path, layout: ConvertedLayout, want_sha256: bool) -> str | None:
     """Write `layout`'s file at `dest` from the staged `source` (memory-mapped, read in place): the converted
-    tensors through one bounded buffer (torch's round-to-nearest-even, as `.to(torch.bfloat16)`), the rest copied
-    straight from the mapping. Written with pwrite, so a full store is an error (ENOSPC), never a SIGBUS. Returns
+    tensors through bounded chunks (`bf16_bits`), the rest copied straight from the mapping. numpy only, so the
+    loader's own image converts. Written with pwrite, so a full store is an error (ENOSPC), never a SIGBUS. Returns
     the converted file's sha256 when asked for, else None; the header is read back and checked before returning."""
-    import torch
-
     hasher = hashlib.sha256() if want_sha256 else None
-    out_dtype = getattr(torch, _TORCH_NAMES[layout.target])
-    buffer = torch.empty(CHUNK_ELEMENTS, dtype=out_dtype)
     with open(source, "rb") as f:
         src = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else None
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -186,19 +186,16 @@ def write_converted(source: Path, dest: Path, layout: ConvertedLayout, want_sha2
             if not move.converted:
                 _write(fd, memoryview(src)[move.src_begin : move.src_end], move.dest_begin, hasher)
                 continue
-            in_dtype = getattr(torch, _TORCH_NAMES[move.src_dtype])
+            in_dtype = _NUMPY_DTYPES[move.src_dtype]
             done = 0
             while done < move.elements:
                 n = min(CHUNK_ELEMENTS, move.elements - done)
-                with warnings.catch_warnings():  # torch warns the mapping is read-only: we only read it
-                    warnings.simplefilter("ignore", UserWarning)
-                    part = torch.frombuffer(
-                        src, dtype=in_dtype, count=n, offset=move.src_begin + done * in_dtype.itemsize
-                    )
-                out = buffer[:n]
-                out.copy_(part)
+                part = np.frombuffer(src, dtype=in_dtype, count=n, offset=move.src_begin + done * in_dtype.itemsize)
+                # F16 widens exactly; F64 narrows to F32 first, as torch's conversion does (BFloat16 has no double
+                # constructor), so the result is the same bits as torch's.
+                out = bf16_bits(part)
                 del part  # a view of the mapping: it must be gone before the mapping closes
-                _write(fd, out.view(torch.uint8).numpy().data, move.dest_begin + done * out_dtype.itemsize, hasher)
+                _write(fd, out.data, move.dest_begin + done * 2, hasher)
                 done += n
     finally:
         os.close(fd)

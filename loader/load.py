@@ -38,7 +38,7 @@ from typing import Any
 from warmpod import __version__
 from warmpod.errors import WarmpodError
 from warmpod.loader.capacity import Room, cgroup_room, check_room, filesystem_room
-from warmpod.loader.convert import TARGETS, ConvertedLayout, load_converter, plan_conversion, write_converted
+from warmpod.loader.convert import TARGETS, ConvertedLayout, plan_conversion, write_converted
 from warmpod.loader.errors import IntegrityError, InvalidModel, TransientError, UsageError, first_error
 from warmpod.loader.plan import RetryPolicy
 from warmpod.loader.publish import (
@@ -241,8 +241,6 @@ async def _stage_and_publish(
         and (not record_all or journal[f.rel].get("sha256"))
     }
 
-    # torch's import (~1 s) runs beside the streaming, not after it.
-    converter = asyncio.create_task(asyncio.to_thread(load_converter)) if req.dtype else None
     from_origin = _CountedEvents(events)
     mirror = await _MirrorUse.open(req, source, events)
     try:
@@ -274,8 +272,6 @@ async def _stage_and_publish(
                 entry: dict[str, Any] = {"size": f.size, "sha256": sha}
                 layout = layouts.get(f.rel)
                 if layout is not None:  # journaled once converted: a resumed load never takes a source copy for done
-                    assert converter is not None
-                    await converter
                     async with one_at_a_time:
                         entry |= await _convert(dest, layout, sha, events)
                 done[f.rel] = entry
@@ -288,8 +284,6 @@ async def _stage_and_publish(
                         tg.create_task(stage(f))
     finally:
         await mirror.aclose()
-        if converter is not None:
-            await asyncio.gather(converter, return_exceptions=True)  # an import cannot be cancelled: let it end
 
     if identity_digest(await source.refresh(), req.dtype) != digest:
         raise IntegrityError(

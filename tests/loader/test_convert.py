@@ -1,5 +1,6 @@
-"""The converted layout of `warmpod load --dtype`, planned from a header alone (no disk, no torch), and the identity
-digest that keeps a converted staging apart from an as-is one."""
+"""The converted layout of `warmpod load --dtype`, planned from a header alone (no disk, no torch), the loader's own
+bf16 rounding (numpy) checked bit for bit against torch's, and the identity digest that keeps a converted staging
+apart from an as-is one."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import json
 import math
 import struct
 
+import numpy as np
 import pytest
+import torch
 
 from tests.kit.models import raw_safetensors
 from warmpod.errors import UsageError
-from warmpod.loader.convert import FP16_REFUSED, plan_conversion, target_dtype
+from warmpod.loader.convert import FP16_REFUSED, bf16_bits, plan_conversion, target_dtype
 from warmpod.loader.sources import SourceFile, identity_digest
 from warmpod.safetensors_header import DTYPE_BITS, PREFIX_BYTES, Header, header_length, parse_header
 
@@ -115,3 +118,28 @@ def test_the_identity_digest_includes_the_dtype() -> None:
     files = [SourceFile("model.safetensors", "/m/model.safetensors", 10, {"size": "10", "mtime": "1"})]
     as_is, bf16 = identity_digest(files), identity_digest(files, "BF16")
     assert as_is != bf16 and identity_digest(files, None) == as_is and identity_digest(list(files), "BF16") == bf16
+
+
+def torch_bf16_bits(values: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def test_the_loaders_bf16_rounding_is_torchs_bit_for_bit() -> None:
+    rng = np.random.default_rng(16)
+    every_exponent = rng.standard_normal(1 << 18) * 10.0 ** rng.integers(-45, 39, 1 << 18)
+    with np.errstate(over="ignore"):
+        spread = every_exponent.astype(np.float32)
+    # A stride through all 2**32 bit patterns: subnormals, ties, the largest finite values, infinities, NaNs.
+    patterns = np.arange(0, 1 << 32, 4093, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    ties = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x7F7F8000, 0x00008000], dtype=np.uint32).view(np.float32)
+    for values in (spread, patterns, ties):
+        assert np.array_equal(bf16_bits(values), torch_bf16_bits(values))
+    assert bf16_bits(ties).tolist() == [0x3F80, 0x3F82, 0xBF80, 0x7F80, 0x0000]  # to even; the top rounds to inf
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_f16_and_f64_round_as_torch_does(dtype: type) -> None:
+    rng = np.random.default_rng(17)
+    with np.errstate(over="ignore"):
+        values = (rng.standard_normal(1 << 16) * 10.0 ** rng.integers(-8, 8, 1 << 16)).astype(dtype)
+    assert np.array_equal(bf16_bits(values), torch_bf16_bits(values))
