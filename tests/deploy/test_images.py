@@ -522,11 +522,25 @@ def test_role_commands_start_from_the_image(container: Container, command: list[
 
 
 @pytest.mark.parametrize("container", ["loader"], indirect=True)
-def test_the_closure_really_is_all_there_is(container: Container) -> None:
-    """The loader image cannot serve: `warmpod serve` needs numpy, which only the server and edge images have."""
-    proc = container.run("serve", "--help")
+def test_the_closure_really_is_all_there_is(container: Container, tmp_path: Path) -> None:
+    """The loader image cannot serve: `warmpod serve` needs torch, which only the server image has."""
+    source = write_model_dir(tmp_path / "src" / "m")
+    _ok(container.run("load", source, "--model", "m"))
+    proc = container.run("serve", "--model", "m", "--port", "0")
     assert proc.returncode != 0
-    assert "import of numpy halted; None in sys.modules" in proc.stderr, proc.stderr
+    assert "import of torch halted; None in sys.modules" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("container", ["loader"], indirect=True)
+def test_the_loader_image_stages_bf16(container: Container, tmp_path: Path) -> None:
+    """`warmpod load --dtype bf16` converts with what the loader image has (numpy, no torch)."""
+    source = write_model_dir(tmp_path / "src" / "m")
+    result = json.loads(_ok(container.run("load", source, "--model", "m", "--dtype", "bf16")).strip().splitlines()[-1])
+    assert result["dtype"] == "BF16" and result["converted_tensors"] > 0, result
+    store = container.mounts["/store"]
+    manifest = json.loads((store / "m" / "current" / "manifest.json").read_text())
+    assert manifest["conversion"]["dtype"] == "BF16", manifest["conversion"]
+    assert container.writes_outside_volumes() == []
 
 
 @pytest.mark.parametrize("container", ["loader"], indirect=True)
