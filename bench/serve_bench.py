@@ -1,8 +1,9 @@
 """How many embedding requests per second does `warmpod serve` answer, in fp32 and in bf16, and how fast, next to
 MLServer, KServe and infinity-emb — and how close does it come to the forward passes alone?
 
-One command regenerates the section of BENCHMARKS.md, the chart and the raw results (about 22 minutes for the 12
-server variants x 3 rounds; no other work on the machine meanwhile):
+One command regenerates the section of BENCHMARKS.md, the chart and the raw results (12 server variants x 3 rounds:
+about 20 minutes, at most ~23 with every run at its 8 s cap, plus any wait for a quiet machine; nothing else should
+run on it meanwhile):
 
   bash bench/serve_setup.sh && python -m bench.serve_bench --requests 400 --max-seconds 8 --repeats 3
 
@@ -915,9 +916,10 @@ def plot(
     ax_rps.set_ylabel("requests/s (median; whiskers: min/max;\ndashes: warmpod's in-process limit)")
     ax_lat.set_ylabel("p99 latency, ms (dots: p50)")
     ax_lat.set_yscale("log")
-    ax_rps.legend(fontsize=6, ncol=2)
+    handles, labels = ax_rps.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(shown)), fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 + 0.035 * -(-len(shown) // 6), 1, 1))
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -1070,8 +1072,9 @@ def server_specs(
                     )
                     spec.settings = (
                         f"`infinity_emb {flags}`{pool} with {' '.join(f'{k}={v}' for k, v in INFINITY_ENV.items())}: "
-                        "sentence-transformers' model (transformers' BertModel, mean pooling, normalised) on the "
-                        f"MiniLM directory in {'bfloat16' if dtype == 'bf16' else 'float32 (dtype auto on a CPU)'}; "
+                        "sentence-transformers' model (transformers' BertModel with SDPA attention, Pooling mean, "
+                        f"Normalize) on the MiniLM directory in "
+                        f"{'bfloat16' if dtype == 'bf16' else 'float32 (dtype auto on a CPU)'}; "
                         f"its dynamic batching (batch size 32, its default); {n} model replica"
                         f"{'s' if n > 1 else ''} (`--device-id` on a CPU), each with its own forward thread; "
                         "client: OpenAI `POST /embeddings`"
