@@ -572,6 +572,14 @@ def count_diff(after: Mapping[int, int], before: Mapping[int, int]) -> dict[int,
     return {size: n - before.get(size, 0) for size, n in sorted(after.items()) if n > before.get(size, 0)}
 
 
+def forward_passes(base_url: str) -> dict[int, int]:
+    """warmpod's forward passes so far by batch size, from its /metrics; RuntimeError if it cannot be read."""
+    try:
+        return batch_counts(Scrape(base_url).samples)
+    except (AssertionError, OSError, ValueError) as e:  # Scrape asserts a 200 text page
+        raise RuntimeError(f"could not read {base_url}/metrics: {type(e).__name__}: {e}") from e
+
+
 @dataclass
 class Plan:
     """What every server is measured with."""
@@ -601,10 +609,10 @@ def measure_server(spec: ServerSpec, plan: Plan, workdir: Path, tag: str) -> tup
         for c in plan.levels:
             for attempt in range(args.noisy_retries + 1):
                 busy = wait_cpu_quiet(args.max_busy, args.quiet_timeout) if args.max_busy > 0 else 0.0
-                before = batch_counts(Scrape(how.url).samples) if spec.family == "warmpod" else {}
+                before = forward_passes(how.url) if spec.family == "warmpod" else {}
                 run = measure(url, bodies, judge, c, args.requests, args.max_seconds, server.pid, busy)
                 if spec.family == "warmpod":
-                    run.batches = count_diff(batch_counts(Scrape(how.url).samples), before)
+                    run.batches = count_diff(forward_passes(how.url), before)
                 if run.other_cpu <= args.max_other or attempt == args.noisy_retries:
                     break
                 discarded += 1
