@@ -159,15 +159,25 @@ def plan_conversion(header: Header, target: str, file: str) -> ConvertedLayout:
 # ---------------------------------------------------------------- the rounding (pure) and the shell
 
 
-def bf16_bits(values: np.ndarray) -> np.ndarray:
+def bf16_bits(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """bfloat16 bit patterns (uint16) of `values` (taken as float32), rounded to nearest, ties to even — what torch's
     `.to(torch.bfloat16)` gives, bit for bit: the upper 16 bits of each float32 after adding 0x7FFF plus the lowest
-    kept bit; a NaN becomes the NaN torch writes (0xFFFF) instead of rounding into infinity. Pure."""
+    kept bit; a NaN becomes the NaN torch writes (0xFFFF) instead of rounding into infinity. Into `out` when given
+    (a reused buffer of the same length); `values` is never written. In place where it can: one temporary."""
     values = values.astype(np.float32, copy=False)
     bits = values.view(np.uint32)
-    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16
-    rounded[np.isnan(values)] = 0xFFFF  # the one NaN torch's CPU conversion writes, whatever the sign or payload
-    return rounded.astype(np.uint16)
+    rounded = np.right_shift(bits, 16)
+    np.bitwise_and(rounded, 1, out=rounded)
+    rounded += 0x7FFF
+    rounded += bits
+    rounded >>= 16
+    if out is None:
+        out = np.empty(len(values), dtype=np.uint16)
+    np.copyto(out, rounded, casting="unsafe")
+    nan = np.isnan(values)
+    if nan.any():
+        out[nan] = 0xFFFF  # the one NaN torch's CPU conversion writes, whatever the sign or payload
+    return out
 
 
 def write_converted(source: Path, dest: Path, layout: ConvertedLayout, want_sha256: bool) -> str | None:
@@ -187,13 +197,14 @@ def write_converted(source: Path, dest: Path, layout: ConvertedLayout, want_sha2
                 _write(fd, memoryview(src)[move.src_begin : move.src_end], move.dest_begin, hasher)
                 continue
             in_dtype = _NUMPY_DTYPES[move.src_dtype]
+            buffer = np.empty(min(CHUNK_ELEMENTS, move.elements), dtype=np.uint16)
             done = 0
             while done < move.elements:
                 n = min(CHUNK_ELEMENTS, move.elements - done)
                 part = np.frombuffer(src, dtype=in_dtype, count=n, offset=move.src_begin + done * in_dtype.itemsize)
                 # F16 widens exactly; F64 narrows to F32 first, as torch's conversion does (BFloat16 has no double
                 # constructor), so the result is the same bits as torch's.
-                out = bf16_bits(part)
+                out = bf16_bits(part, buffer[:n])
                 del part  # a view of the mapping: it must be gone before the mapping closes
                 _write(fd, out.data, move.dest_begin + done * 2, hasher)
                 done += n
