@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=CHOICES,
         help="convert floating-point tensors (F64/F32/F16) to this dtype while staging: bf16 halves the store and runs "
         "about 2x faster on CPUs with AVX512-BF16; integer tensors stay as they are. A separate version from the "
-        "as-is staging of the same source. Needs torch (the server image). fp16 is refused: slower than fp32 on "
-        "CPU. Default: tensors as the source has them",
+        "as-is staging of the same source. Converts with numpy (the loader image has it). fp16 is refused: slower "
+        "than fp32 on CPU. Default: tensors as the source has them",
     )
     p.add_argument("--keep", type=int, default=2, help="published versions to keep (default 2)")
     p.add_argument(

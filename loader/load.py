@@ -550,10 +550,10 @@ def build_manifest(
     headers: dict[str, Header],
     done: dict[str, dict[str, Any]],
     started: float,
-    digest: str | None = None,
+    digest: str,
 ) -> dict[str, Any]:
     """The manifest of a staged version (see FORMAT in warmpod.store). `headers`: the staged files' (converted ones
-    when the load converts); `digest`: the version's identity digest (the source's, unless the load converts)."""
+    when the load converts); `digest`: the version's identity digest (the source's, with the dtype if converted)."""
     tensors: dict[str, dict[str, Any]] = {}
     for rel in sorted(headers):
         h = headers[rel]
@@ -570,7 +570,7 @@ def build_manifest(
         "source": {
             "uri": redact(source.uri),
             "identity": {f.rel: f.identity for f in source.files},
-            "digest": digest or source.digest,
+            "digest": digest,
         },
         "files": [
             {

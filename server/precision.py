@@ -122,11 +122,10 @@ def plan_precision(
     )
 
 
-def conversion_source(manifest: Mapping[str, Any], conversion: Any = None) -> str | None:
-    """The dtype(s) the loader converted from, e.g. "F32" or "F16+F32", read from its conversion record
-    (StagedModel.conversion, else the manifest's "conversion": per file, "converted": {source dtype: tensors});
-    None without a record, or when the record does not say."""
-    record = conversion if conversion is not None else manifest.get("conversion")
+def conversion_source(manifest: Mapping[str, Any]) -> str | None:
+    """The dtype(s) the loader converted from, e.g. "F32" or "F16+F32", read from the manifest's conversion record
+    ("conversion": per file, "converted": {source dtype: tensors}); None without a record, or when it does not say."""
+    record = manifest.get("conversion")
     if not isinstance(record, Mapping):
         return None
     files = record.get("files")
@@ -162,8 +161,7 @@ def staged_precision(staged: StagedModel, cpu: CpuBf16) -> WeightsPrecision:
         name: (str(entry["dtype"]), int(entry["offsets"][1]) - int(entry["offsets"][0]))
         for name, entry in staged.manifest["tensors"].items()
     }
-    converted = conversion_source(staged.manifest, getattr(staged, "conversion", None))
-    return plan_precision(tensors, cpu, converted_from=converted)
+    return plan_precision(tensors, cpu, converted_from=conversion_source(staged.manifest))
 
 
 def served_tensors(staged: StagedModel, precision: WeightsPrecision) -> dict[str, torch.Tensor]:

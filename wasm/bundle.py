@@ -372,7 +372,7 @@ def staged_version(store: Path, model: str, name: str | None = None) -> ModelFil
     if any(e.dtype == "BF16" for e in staged.tensor_index.values()):
         # bf16 (`warmpod load --dtype bf16`): widened to fp32 exactly; the bundle's precision is made from those.
         source["weights_dtype"] = "bf16"
-        converted = conversion_source(staged.manifest, staged.conversion)
+        converted = conversion_source(staged.manifest)
         if converted is not None:
             source["converted_from"] = converted
     return ModelFiles(name or model, staged.file_path, load, source)

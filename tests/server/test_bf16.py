@@ -207,7 +207,10 @@ def test_the_loaders_conversion_record_names_the_source_dtype() -> None:
         },
     }
     assert conversion_source({"conversion": record}) == "F16+F32"
-    assert conversion_source({}, {"dtype": "BF16", "files": {"m.safetensors": {"converted": {"F32": 3}}}}) == "F32"
+    assert (
+        conversion_source({"conversion": {"dtype": "BF16", "files": {"m.safetensors": {"converted": {"F32": 3}}}}})
+        == "F32"
+    )
     assert conversion_source({"conversion": {"from": "F32"}}) == "F32"
     assert conversion_source({"conversion": {"dtype": "BF16", "files": {}}}) is None
     assert conversion_source({"conversion": "bf16"}) is None and conversion_source({}) is None
